@@ -1,0 +1,63 @@
+"""RLW: random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting", TMLR 2022,
+https://arxiv.org/abs/2111.10603; docs/METHODS.md §3, "RLW").
+
+A fresh draw at every call, over the K losses of the step::
+
+    ε ~ N(0, I_K),      λ = softmax(ε),      L = Σ_i λ_i L_i
+
+The weights lie on the simplex (LibMTL's ``RLW`` with ``dist='Normal'``; nash-mtl's ``rlw``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import LossWeightingMethod
+from .registry import register_method
+
+
+@register_method("rlw")
+class RandomLossWeighting(LossWeightingMethod):
+    """Random loss weighting. Pass ``generator`` to ``combine_losses`` (or ``seed`` here) to repeat a run.
+
+    Args:
+        num_tasks (`int`, *optional*):
+            Number of tasks K; not needed (one weight is drawn per given loss).
+        seed (`int`, *optional*):
+            Seeds a private generator used when ``combine_losses`` receives none. Its state is saved
+            in the ``state_dict``, so a resumed run continues the same sequence. Without a seed and
+            without a ``generator`` the global RNG is used.
+    """
+
+    is_random = True
+
+    def __init__(self, num_tasks: int | None = None, seed: int | None = None) -> None:
+        super().__init__(num_tasks)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
+        self._generator: torch.Generator | None = None
+        if seed is not None:
+            self._generator = torch.Generator().manual_seed(seed)
+
+    def combine_losses(
+        self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        generator = generator if generator is not None else self._generator
+        device = generator.device if generator is not None else losses.device
+        noise = torch.randn(losses.numel(), generator=generator, device=device, dtype=torch.float32)
+        weights = torch.softmax(noise, dim=0).to(losses.device)
+        self.last_weights = weights
+        return (weights * losses.to(torch.float32)).sum()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator_state": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        generator_state = state.get("generator_state")
+        if generator_state is not None:
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(generator_state)

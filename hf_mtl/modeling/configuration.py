@@ -1,0 +1,51 @@
+"""`MultiTaskConfig`: the JSON-serialisable description of a `MultiTaskModel`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+
+class MultiTaskConfig(PretrainedConfig):
+    """Configuration of a `MultiTaskModel`.
+
+    Args:
+        encoders (`dict[str, dict]`):
+            Encoder key -> that encoder's config as a dict (``PretrainedConfig.to_dict()``, which
+            carries ``model_type``). Any Hugging Face encoder works: BERT-like text, ViT-like vision,
+            Wav2Vec2-like speech.
+        tasks (`list[dict]`):
+            The tasks, as ``Task.to_dict()``.
+        trunk (`dict`, *optional*):
+            An optional shared trunk on top of every encoder: ``{"hidden_size": int, "num_layers": int}``.
+            Each encoder's hidden states are projected to ``hidden_size`` and then pass through the
+            same ``num_layers`` residual MLP blocks, so the trunk is shared by every task of every
+            modality.
+        head_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout before each head's output layer.
+    """
+
+    model_type = "hf_mtl"
+
+    def __init__(
+        self,
+        encoders: dict[str, dict[str, Any]] | None = None,
+        tasks: list[dict[str, Any]] | None = None,
+        trunk: dict[str, Any] | None = None,
+        head_dropout: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        self.encoders = dict(encoders or {})
+        self.tasks = list(tasks or [])
+        self.trunk = dict(trunk) if trunk else None
+        self.head_dropout = head_dropout
+        super().__init__(**kwargs)
+
+    def encoder_config(self, key: str) -> PretrainedConfig:
+        """The `PretrainedConfig` of encoder ``key``."""
+        data = dict(self.encoders[key])
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"encoder {key!r}: its config has no `model_type`")
+        return AutoConfig.for_model(model_type, **data)

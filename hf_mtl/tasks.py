@@ -1,0 +1,88 @@
+"""`Task`: what one task is (a name, the encoder it reads, its head, labels, metrics)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+#: The metrics each head kind reports when a task names none.
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "classification": ["accuracy", "f1"],
+    "multilabel": ["accuracy", "f1"],
+    "regression": ["mse", "mae"],
+    "token_classification": ["accuracy"],
+}
+
+
+@dataclass
+class Task:
+    """One task of a multi-task model.
+
+    Args:
+        name (`str`):
+            Unique task name (letters, digits, ``_`` and ``-``; starts with a letter). Metrics are
+            reported as ``eval_<name>_<metric>``, losses as ``loss/<name>``.
+        encoder (`str`):
+            Key of the encoder (in ``MultiTaskModel.from_encoders``) whose output this task reads.
+        head (`str`, *optional*, defaults to `"classification"`):
+            Head kind, one of `hf_mtl.list_heads()`: ``classification`` (single label),
+            ``multilabel`` (several binary labels, missing ones masked), ``regression``,
+            ``token_classification``.
+        num_labels (`int`, *optional*, defaults to 2):
+            Number of classes (classification, token classification), of binary labels
+            (multilabel), or of regression targets.
+        label_column (`str`, *optional*):
+            Dataset column holding this task's labels; defaults to ``name``. Several tasks may read
+            different columns of the same dataset (they then share one encoder pass).
+        metrics (`list[str]`, *optional*):
+            Built-in metric names (``accuracy``, ``f1``, ``mse``, ``mae``) reported at evaluation;
+            defaults depend on the head. A user's `evaluate` module can be passed to the trainer.
+        label_names (`list[str]`, *optional*):
+            Class names, saved in the config for inference.
+        head_kwargs (`dict`, *optional*):
+            Extra head options, e.g. ``{"pooling": "cls"}`` (default ``"mean"``).
+    """
+
+    name: str
+    encoder: str
+    head: str = "classification"
+    num_labels: int = 2
+    label_column: str | None = None
+    metrics: list[str] | None = None
+    label_names: list[str] | None = None
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .modeling.heads import HEADS  # local import: heads pull in torch
+
+        if not isinstance(self.name, str) or not _TASK_NAME.match(self.name):
+            raise ValueError(
+                f"`name` of a task must start with a letter and use only letters, digits, '_' and '-', "
+                f"got {self.name!r}"
+            )
+        if self.head not in HEADS:
+            raise ValueError(f"task {self.name!r}: unknown `head` {self.head!r}; valid heads are: {', '.join(HEADS.names())}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"task {self.name!r}: `num_labels` must be a positive integer, got {self.num_labels!r}")
+        if self.label_column is None:
+            self.label_column = self.name
+        if self.metrics is None:
+            self.metrics = list(DEFAULT_METRICS[self.head])
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            raise ValueError(
+                f"task {self.name!r}: `label_names` has {len(self.label_names)} names but `num_labels` is {self.num_labels}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Task":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown task field(s) {unknown}; valid fields are: {', '.join(sorted(known))}")
+        return cls(**data)
