@@ -18,6 +18,14 @@ Hooks, all optional except the one that defines the method:
   of the losses across the optimizer step (FAMO); the engine runs the extra forward only when
   ``needs_losses_after_step`` is set.
 - ``on_epoch_end(epoch)``: for methods that keep epoch statistics (DWA).
+- ``bind_parameter_layout(blocks)``: called once by the engine with the ``(name, numel)`` of each
+  shared parameter tensor, in the order of the Jacobian's columns, for methods that act per layer
+  or per matrix (GradVac). A plain matrix with no layout is one block.
+
+Representation-level methods (``requires_representation = True``: MGDA-UB, GradDrop) receive as rows
+the per-task gradients with respect to the shared representation ``z`` (the features the heads read,
+flattened over the batch), ``representation=z`` flattened the same way, and return the gradient to
+send back into ``z``; the engine then backpropagates it once through the encoders.
 
 Methods are ``torch.nn.Module`` objects so that learnable state (UW's log-variances, FAMO's logits)
 is made of parameters the Trainer's optimizer can own, and so that ``state_dict()`` /
@@ -35,6 +43,25 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+
+def task_index(losses: Tensor, task_ids: Tensor | None, num_tasks: int) -> Tensor:
+    """Indices into the method's ``num_tasks`` tasks of the K given losses, checked.
+
+    Without ``task_ids`` the K losses must be all ``num_tasks`` tasks, in order.
+    """
+    if task_ids is None:
+        if losses.numel() != num_tasks:
+            raise ValueError(
+                f"got {losses.numel()} losses for {num_tasks} tasks; pass `task_ids` when a step holds a subset"
+            )
+        return torch.arange(num_tasks, device=losses.device)
+    index = torch.as_tensor(task_ids, dtype=torch.long, device=losses.device).reshape(-1)
+    if index.numel() != losses.numel():
+        raise ValueError(f"`task_ids` has {index.numel()} entries for {losses.numel()} losses")
+    if index.numel() and (index.min() < 0 or index.max() >= num_tasks):
+        raise ValueError(f"`task_ids` must lie in [0, {num_tasks}), got {index.tolist()}")
+    return index
 
 
 class GradientMethod(nn.Module):
@@ -101,6 +128,9 @@ class GradientMethod(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the trainer at the end of each epoch. No-op by default."""
+
+    def bind_parameter_layout(self, blocks: list[tuple[str, int]]) -> None:
+        """Receives the ``(name, numel)`` of each shared parameter tensor, in column order. No-op by default."""
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

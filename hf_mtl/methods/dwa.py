@@ -24,24 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import LossWeightingMethod
+from .base import LossWeightingMethod, task_index
 from .registry import register_method
-
-
-def _task_index(losses: Tensor, task_ids: Tensor | None, num_tasks: int) -> Tensor:
-    """Indices into the method's ``num_tasks`` tasks of the K given losses, checked."""
-    if task_ids is None:
-        if losses.numel() != num_tasks:
-            raise ValueError(
-                f"got {losses.numel()} losses for {num_tasks} tasks; pass `task_ids` when a step holds a subset"
-            )
-        return torch.arange(num_tasks, device=losses.device)
-    index = torch.as_tensor(task_ids, dtype=torch.long, device=losses.device).reshape(-1)
-    if index.numel() != losses.numel():
-        raise ValueError(f"`task_ids` has {index.numel()} entries for {losses.numel()} losses")
-    if index.numel() and (index.min() < 0 or index.max() >= num_tasks):
-        raise ValueError(f"`task_ids` must lie in [0, {num_tasks}), got {index.tolist()}")
-    return index
 
 
 @register_method("dwa")
@@ -80,7 +64,7 @@ class DynamicWeightAverage(LossWeightingMethod):
     def combine_losses(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        index = _task_index(losses, task_ids, self.num_tasks).to(self.weights.device)
+        index = task_index(losses, task_ids, self.num_tasks).to(self.weights.device)
         weights = self.weights[index].to(losses.device)
         combined = (weights * losses.to(torch.float32)).sum()
         self.last_weights = weights.detach()

@@ -35,24 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import LossWeightingMethod
+from .base import LossWeightingMethod, task_index
 from .registry import register_method
-
-
-def _task_index(losses: Tensor, task_ids: Tensor | None, num_tasks: int) -> Tensor:
-    """Indices into the method's ``num_tasks`` tasks of the K given losses, checked."""
-    if task_ids is None:
-        if losses.numel() != num_tasks:
-            raise ValueError(
-                f"got {losses.numel()} losses for {num_tasks} tasks; pass `task_ids` when a step holds a subset"
-            )
-        return torch.arange(num_tasks, device=losses.device)
-    index = torch.as_tensor(task_ids, dtype=torch.long, device=losses.device).reshape(-1)
-    if index.numel() != losses.numel():
-        raise ValueError(f"`task_ids` has {index.numel()} entries for {losses.numel()} losses")
-    if index.numel() and (index.min() < 0 or index.max() >= num_tasks):
-        raise ValueError(f"`task_ids` must lie in [0, {num_tasks}), got {index.tolist()}")
-    return index
 
 
 @register_method("famo")
@@ -123,7 +107,7 @@ class FAMO(LossWeightingMethod):
     def combine_losses(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        index = _task_index(losses, task_ids, self.num_tasks).to(self.logits.device)
+        index = task_index(losses, task_ids, self.num_tasks).to(self.logits.device)
         z = torch.softmax(self.logits[index], dim=0).to(losses.device)
         shifted = self._shifted(losses, index)
         c = 1.0 / (z / shifted.detach()).sum()
@@ -134,7 +118,7 @@ class FAMO(LossWeightingMethod):
     def after_optimizer_step(
         self, losses_before: Tensor, losses_after: Tensor, *, task_ids: Tensor | None = None
     ) -> None:
-        index = _task_index(losses_before, task_ids, self.num_tasks).to(self.logits.device)
+        index = task_index(losses_before, task_ids, self.num_tasks).to(self.logits.device)
         if losses_after.shape != losses_before.shape:
             raise ValueError(
                 f"`losses_after` must have the shape of `losses_before` {tuple(losses_before.shape)}, "

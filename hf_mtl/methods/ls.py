@@ -14,24 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import LossWeightingMethod
+from .base import LossWeightingMethod, task_index
 from .registry import register_method
-
-
-def _task_index(losses: Tensor, task_ids: Tensor | None, num_tasks: int) -> Tensor:
-    """Indices into the method's ``num_tasks`` tasks of the K given losses, checked."""
-    if task_ids is None:
-        if losses.numel() != num_tasks:
-            raise ValueError(
-                f"got {losses.numel()} losses for {num_tasks} tasks; pass `task_ids` when a step holds a subset"
-            )
-        return torch.arange(num_tasks, device=losses.device)
-    index = torch.as_tensor(task_ids, dtype=torch.long, device=losses.device).reshape(-1)
-    if index.numel() != losses.numel():
-        raise ValueError(f"`task_ids` has {index.numel()} entries for {losses.numel()} losses")
-    if index.numel() and (index.min() < 0 or index.max() >= num_tasks):
-        raise ValueError(f"`task_ids` must lie in [0, {num_tasks}), got {index.tolist()}")
-    return index
 
 
 @register_method("ls")
@@ -67,8 +51,8 @@ class LinearScalarization(LossWeightingMethod):
         if self.weights is None:
             weights = torch.ones(losses.numel(), device=losses.device)
             if self.num_tasks is not None:
-                _task_index(losses, task_ids, self.num_tasks)  # validates the shapes only
+                task_index(losses, task_ids, self.num_tasks)  # validates the shapes only
         else:
-            weights = self.weights.to(losses.device)[_task_index(losses, task_ids, self.num_tasks)]
+            weights = self.weights.to(losses.device)[task_index(losses, task_ids, self.num_tasks)]
         self.last_weights = weights.detach()
         return (weights * losses.to(torch.float32)).sum()

@@ -23,24 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import LossWeightingMethod
+from .base import LossWeightingMethod, task_index
 from .registry import register_method
-
-
-def _task_index(losses: Tensor, task_ids: Tensor | None, num_tasks: int) -> Tensor:
-    """Indices into the method's ``num_tasks`` tasks of the K given losses, checked."""
-    if task_ids is None:
-        if losses.numel() != num_tasks:
-            raise ValueError(
-                f"got {losses.numel()} losses for {num_tasks} tasks; pass `task_ids` when a step holds a subset"
-            )
-        return torch.arange(num_tasks, device=losses.device)
-    index = torch.as_tensor(task_ids, dtype=torch.long, device=losses.device).reshape(-1)
-    if index.numel() != losses.numel():
-        raise ValueError(f"`task_ids` has {index.numel()} entries for {losses.numel()} losses")
-    if index.numel() and (index.min() < 0 or index.max() >= num_tasks):
-        raise ValueError(f"`task_ids` must lie in [0, {num_tasks}), got {index.tolist()}")
-    return index
 
 
 @register_method("uw")
@@ -66,7 +50,7 @@ class UncertaintyWeighting(LossWeightingMethod):
     def combine_losses(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        s = self.log_variance[_task_index(losses, task_ids, self.num_tasks).to(self.log_variance.device)]
+        s = self.log_variance[task_index(losses, task_ids, self.num_tasks).to(self.log_variance.device)]
         s = s.to(losses.device)
         precision = torch.exp(-s)
         self.last_weights = (0.5 * precision).detach()
