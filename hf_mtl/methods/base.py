@@ -17,6 +17,8 @@ Hooks, all optional except the one that defines the method:
 - ``after_optimizer_step(losses_before, losses_after, ...)``: for methods that learn from the change
   of the losses across the optimizer step (FAMO); the engine runs the extra forward only when
   ``needs_losses_after_step`` is set.
+- ``observe_losses(losses, task_ids=...)``: once per optimizer step, the global mean losses of the
+  step (identical on every rank), for methods that keep loss statistics (DWA).
 - ``on_epoch_end(epoch)``: for methods that keep epoch statistics (DWA).
 - ``bind_parameter_layout(blocks)``: called once by the engine with the ``(name, numel)`` of each
   shared parameter tensor, in the order of the Jacobian's columns, for methods that act per layer
@@ -128,6 +130,12 @@ class GradientMethod(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the trainer at the end of each epoch. No-op by default."""
+
+    def observe_losses(self, losses: Tensor, *, task_ids: Tensor | None = None) -> None:
+        """Called by the engine once per optimizer step with each present task's mean raw loss over the
+        accumulation window and over all ranks (the same values on every rank). Methods that keep loss
+        statistics (DWA's period averages) update them here, so that every rank holds the same state.
+        No-op by default."""
 
     def bind_parameter_layout(self, blocks: list[tuple[str, int]]) -> None:
         """Receives the ``(name, numel)`` of each shared parameter tensor, in column order. No-op by default."""

@@ -1,0 +1,155 @@
+"""`MultiTaskTrainingArguments`: the `TrainingArguments` of a multi-task run (TRL-style config)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .data.sampling import list_samplers
+from .methods import list_methods
+from .sharpness import list_sharpness
+
+#: Values of `sam` that turn sharpness-aware training off.
+_SAM_OFF = (None, "", "none")
+
+
+@dataclass
+class MultiTaskTrainingArguments(TrainingArguments):
+    r"""
+    Configuration of [`MultiTaskTrainer`]: every field of [`~transformers.TrainingArguments`] plus the ones below.
+
+    Using [`~transformers.HfArgumentParser`] (as `hf-mtl train` does), these arguments become command-line flags
+    (`--mtl_method pcgrad`); dictionaries are given as JSON strings.
+
+    Parameters:
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow `train()` to write into an `output_dir` that already holds files. Without it, a non-empty
+            `output_dir` is refused unless the run resumes from a checkpoint, so nothing is overwritten silently.
+
+        > Gradient method (docs/METHODS.md §3)
+
+        mtl_method (`str`, *optional*, defaults to `"ew"`):
+            How the per-task gradients are combined: one of `hf_mtl.methods.list_methods()`. Loss-weighting methods
+            (`ew`, `ls`, `uw`, `dwa`, `rlw`, `famo`, ...) cost one backward of a weighted loss; the others build the
+            K x P Jacobian of the shared parameters (one backward per task).
+        mtl_method_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments of the method (e.g. `{"c": 0.5}` for `cagrad`), as a dict or a JSON string. `num_tasks`
+            is filled in by the trainer.
+        mtl_method_learning_rate (`float`, *optional*):
+            Learning rate of the method's own learnable parameters (UW's log-variances, IMTL-L's scales, GradNorm's
+            weights), which the trainer adds to the optimizer as their own parameter group without weight decay.
+            Defaults to `learning_rate`.
+
+        > Task sampling (which tasks appear in each step; DESIGN.md step 1)
+
+        task_sampling (`str`, *optional*, defaults to `"all"`):
+            One of `hf_mtl.data.list_samplers()`: `all` (every task every step), `proportional`, `temperature`,
+            `uniform`, `round_robin`, `annealed`.
+        sampling_temperature (`float`, *optional*, defaults to `2.0`):
+            T of `temperature` sampling, p_i ∝ n_i^(1/T).
+        task_batch_sizes (`dict[str, int]` or `str`, *optional*):
+            Per-task, per-device training batch sizes, e.g. `{"digit": 16, "coarse": 32}`; tasks not named use
+            `per_device_train_batch_size`. Tasks that share one dataset must share one batch size.
+
+        > Sharpness-aware training (docs/METHODS.md §1-2)
+
+        sam (`str`, *optional*):
+            `sam` (Foret et al.), `asam` (Kwon et al.) or `fmtl` (task-based flat regions, Phan et al.); `None` or
+            `"none"` for plain training.
+        sam_rho (`float`, *optional*, defaults to `0.05`):
+            Radius ρ of the perturbation (the ASAM paper uses 0.5-1.0, F-MTL's released runs 2.0 with
+            `sam_adaptive=True`).
+        sam_adaptive (`bool`, *optional*, defaults to `False`):
+            Scale the perturbation by the weights (ASAM's T_w = |w| + η). Implied by `sam="asam"`; with `fmtl` it gives
+            the perturbation of F-MTL's released code.
+        sam_eta (`float`, *optional*, defaults to `0.01`):
+            η of ASAM's T_w = |w| + η.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["mtl_method_kwargs", "task_batch_sizes"]
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into a non-empty `output_dir` (otherwise refused, unless resuming)."},
+    )
+    mtl_method: str = field(
+        default="ew",
+        metadata={"help": "How the per-task gradients are combined.", "choices": list_methods()},
+    )
+    mtl_method_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of the gradient method, as a JSON string (e.g. '{\"c\": 0.5}')."},
+    )
+    mtl_method_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the method's own parameters (defaults to `learning_rate`)."},
+    )
+    task_sampling: str = field(
+        default="all",
+        metadata={"help": "Which tasks appear in each step.", "choices": list_samplers()},
+    )
+    sampling_temperature: float = field(
+        default=2.0,
+        metadata={"help": "Temperature T of `temperature` sampling: p_i proportional to n_i^(1/T)."},
+    )
+    task_batch_sizes: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per-task per-device train batch sizes as JSON, e.g. '{\"digit\": 16}'."},
+    )
+    sam: str | None = field(
+        default=None,
+        metadata={"help": "Sharpness-aware training: sam, asam or fmtl.", "choices": ["none", *list_sharpness()]},
+    )
+    sam_rho: float = field(default=0.05, metadata={"help": "Radius rho of the SAM / ASAM / F-MTL perturbation."})
+    sam_adaptive: bool = field(
+        default=False, metadata={"help": "Scale the perturbation by |w| + eta (ASAM); implied by sam=asam."}
+    )
+    sam_eta: float = field(default=0.01, metadata={"help": "eta of ASAM's T_w = |w| + eta."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        methods = list_methods()
+        if self.mtl_method not in methods:
+            raise ValueError(f"`mtl_method` must be one of {', '.join(methods)}; got {self.mtl_method!r}")
+        self.mtl_method_kwargs = _as_dict("mtl_method_kwargs", self.mtl_method_kwargs)
+        if "num_tasks" in self.mtl_method_kwargs:
+            raise ValueError("`mtl_method_kwargs` must not set `num_tasks`: the trainer fills it in from the tasks")
+        if self.mtl_method_learning_rate is not None and not self.mtl_method_learning_rate >= 0:
+            raise ValueError(f"`mtl_method_learning_rate` must be >= 0, got {self.mtl_method_learning_rate}")
+        samplers = list_samplers()
+        if self.task_sampling not in samplers:
+            raise ValueError(f"`task_sampling` must be one of {', '.join(samplers)}; got {self.task_sampling!r}")
+        if not (isinstance(self.sampling_temperature, (int, float)) and self.sampling_temperature > 0):
+            raise ValueError(f"`sampling_temperature` must be > 0, got {self.sampling_temperature!r}")
+        self.task_batch_sizes = _as_dict("task_batch_sizes", self.task_batch_sizes)
+        for task, size in self.task_batch_sizes.items():
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"`task_batch_sizes` must map task names to positive integers; {task!r}: {size!r}")
+        if self.sam in _SAM_OFF:
+            self.sam = None
+        elif self.sam not in list_sharpness():
+            raise ValueError(f"`sam` must be one of none, {', '.join(list_sharpness())}; got {self.sam!r}")
+        if not (isinstance(self.sam_rho, (int, float)) and math.isfinite(self.sam_rho) and self.sam_rho > 0):
+            raise ValueError(f"`sam_rho` must be > 0, got {self.sam_rho!r}")
+        if not (isinstance(self.sam_eta, (int, float)) and self.sam_eta >= 0):
+            raise ValueError(f"`sam_eta` must be >= 0, got {self.sam_eta!r}")
+        if self.sam == "asam":
+            self.sam_adaptive = True
+
+
+def _as_dict(name: str, value: Any) -> dict[str, Any]:
+    """A dict field given as a dict, a JSON string or `None` (-> `{}`)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{name}` must be a JSON object, got {value!r}: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be a dict (or a JSON object), got {type(value).__name__}: {value!r}")
+    return dict(value)
