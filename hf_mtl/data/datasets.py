@@ -267,7 +267,7 @@ def load_digits(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     The defaults give 1,437 train and 360 test images.
 
     Columns:
-        - `pixel_values` (`Array2D` of shape (8, 8), float32): the image, scaled from 0-16 to [0, 1].
+        - `pixel_values` (`list[list[float32]]`, 8 x 8): the grey image, scaled from 0-16 to [0, 1].
         - `label` (`ClassLabel`): 10 classes named ``"0"`` .. ``"9"``.
 
     Args:

@@ -20,7 +20,7 @@ every rank draws the same groups in the same step and a resumed run repeats the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -32,6 +32,20 @@ SAMPLERS: Registry[type["TaskSampler"]] = Registry("task sampling strategy")
 def list_samplers() -> list[str]:
     """The names of the registered task sampling strategies."""
     return SAMPLERS.names()
+
+
+def get_sampler(name: str, sizes: Sequence[int], **kwargs: Any) -> "TaskSampler":
+    """Builds the task sampler registered under ``name`` over groups of ``sizes`` rows.
+
+    Args:
+        name (`str`): one of `list_samplers()`.
+        sizes (`Sequence[int]`): rows per task group.
+        **kwargs: ``seed``, ``temperature``, ``num_epochs``.
+
+    Raises:
+        `ValueError`: an unknown name (listing the valid ones) or invalid sizes / arguments.
+    """
+    return SAMPLERS.get(name)(sizes, **kwargs)
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -53,10 +67,14 @@ class TaskSampler:
     """
 
     draws_all = False
+    #: Whether the strategy weighs groups by their sizes (so streams of unknown length cannot use it).
+    needs_sizes = True
 
     def __init__(self, sizes: Sequence[int], seed: int = 42, temperature: float = 2.0, num_epochs: int = 1) -> None:
         if not sizes:
             raise ValueError("a task sampler needs at least one task group")
+        if any(isinstance(n, bool) or int(n) != n or n < 1 for n in sizes):
+            raise ValueError(f"task group sizes must be positive integers, got {list(sizes)}")
         self.sizes = [int(n) for n in sizes]
         self.seed = seed
         self.temperature = temperature
@@ -79,6 +97,7 @@ class TaskSampler:
 @SAMPLERS.register("all")
 class AllTasksSampler(TaskSampler):
     draws_all = True
+    needs_sizes = False
 
     def probabilities(self, epoch: int = 0) -> torch.Tensor:
         return torch.ones(len(self.sizes), dtype=torch.float64)
@@ -112,6 +131,8 @@ class TemperatureSampler(TaskSampler):
 
 @SAMPLERS.register("uniform")
 class UniformSampler(TaskSampler):
+    needs_sizes = False
+
     def probabilities(self, epoch: int = 0) -> torch.Tensor:
         return torch.full((len(self.sizes),), 1.0 / len(self.sizes), dtype=torch.float64)
 

@@ -9,14 +9,20 @@ onto every unit task gradient ``u_t = g_t / ||g_t||`` is the same. The paper's c
     α_{2:K} = g_1 Uᵀ (D Uᵀ)⁻¹,   α_1 = 1 - Σ α_{2:K}
 
 With the Gramian ``G = J Jᵀ`` the condition "``d · u_t`` equal for all t" reads ``G α = c · n`` with
-``n_t = ||g_t|| = sqrt(G_tt)``, so ``α ∝ G⁻¹ n``, normalised to sum 1. hf_mtl uses TorchJD's
-generalisation (``_imtl_g.py``) for singular Gramians::
+``n_t = ||g_t|| = sqrt(G_tt)``, so ``α ∝ G⁻¹ n``, normalised to sum 1 (TorchJD's ``_imtl_g.py``
+generalises it to ``pinv(G) n`` for singular Gramians). hf_mtl computes the same vector on the
+cosine matrix ``C = N⁻¹ G N⁻¹`` (``N = diag(n)``), where ``G⁻¹ n = N⁻¹ C⁻¹ 1``::
 
-    v = pinv(G) sqrt(diag G),    α = v / Σ_t v_t        (α = 0 when Σ_t v_t ≈ 0)
+    v = N⁻¹ pinv(C) 1,    α = v / Σ_t v_t
 
-which equals the closed form whenever ``G`` is invertible, gives a zero row weight 0, and gives a
-zero update for opposite rows (the only update with equal projections there). ``G`` is divided by
-its trace first so that the "``Σ v ≈ 0``" test does not depend on the gradients' scale.
+so that the rank decision of the pseudo-inverse does not depend on the gradients' scales: on ``G``
+itself, rows whose norms differ by 1e3 put a genuine eigenvalue below float32's resolution and the
+pseudo-inverse drops it, losing the equal projections exactly where IMTL is meant to help. This
+equals the closed form whenever ``G`` is invertible and keeps the direction of ``d`` invariant to
+per-task scales (it depends on the unit gradients only). A zero row gets weight 0; when no update
+with equal projections exists but 0 (opposite rows: ``pinv(C) 1 = 0``) or ``Σ_t v_t ≈ 0``, the
+update is 0. With linearly dependent rows the weights are not unique (the pseudo-inverse picks one)
+and equal projections may be impossible.
 
 IMTL-L (loss balance) is on by default (``loss_balancing=True``; the "hybrid" IMTL that LibMTL's
 ``IMTL.py`` runs): a learnable scale ``s_t`` per task (initialised to 0) transforms the losses::
@@ -33,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import GramianMethod
+from .base import GramianMethod, task_index
 from .registry import register_method
 
 
@@ -63,11 +69,9 @@ class IMTL(GramianMethod):
             return losses
         if self.s is None:
             raise ValueError("`num_tasks` is required for IMTL's loss balancing (`loss_balancing=True`), got None")
-        scales = self.s if task_ids is None else self.s[task_ids.to(self.s.device)]
-        if scales.shape != losses.shape:
-            raise ValueError(
-                f"`losses` must have shape {tuple(scales.shape)} (one loss per task), got {tuple(losses.shape)}"
-            )
+        if losses.dim() != 1:
+            raise ValueError(f"`losses` must be a 1-D tensor (one loss per task), got shape {tuple(losses.shape)}")
+        scales = self.s[task_index(losses, task_ids, self.s.numel()).to(self.s.device)].to(losses.device)
         return torch.exp(scales) * losses - scales
 
     def weights_from_gramian(
@@ -79,17 +83,18 @@ class IMTL(GramianMethod):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         gram = gramian.detach().to(torch.float64)
-        trace = gram.trace()
-        if not trace > 0:  # all rows zero (or non-finite): no direction to balance
-            return torch.zeros(gram.shape[0], dtype=gramian.dtype, device=gramian.device)
-        gram = gram / trace
+        num_tasks = gram.shape[0]
         norms = gram.diagonal().clamp(min=0.0).sqrt()
+        nonzero = norms > 0
+        if not nonzero.any():  # all rows zero: no direction to balance
+            return torch.zeros(num_tasks, dtype=gramian.dtype, device=gramian.device)
+        inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
+        cosines = inverse_norms[:, None] * gram * inverse_norms[None, :]
         # the Gramian was formed in float32: eigenvalues below float32's resolution are noise
-        rtol = gram.shape[0] * torch.finfo(torch.float32).eps
-        v = torch.linalg.pinv(gram, rtol=rtol, hermitian=True) @ norms
+        rtol = num_tasks * torch.finfo(torch.float32).eps
+        balanced = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ nonzero.to(torch.float64)
+        v = inverse_norms * balanced
         total = v.sum()
-        if total.abs() < 1e-12:
-            weights = torch.zeros_like(v)
-        else:
-            weights = v / total
-        return weights.to(gramian.dtype)
+        if not balanced.abs().max() > 1e-9 or not total.abs() > 1e-12 * v.abs().sum():
+            return torch.zeros(num_tasks, dtype=gramian.dtype, device=gramian.device)
+        return (v / total).to(gramian.dtype)

@@ -17,6 +17,8 @@ A zero row is never projected on (its inner products are 0).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -30,13 +32,16 @@ class PCGrad(GramianMethod):
 
     Args:
         seed (`int`, *optional*):
-            Seeds a private generator used when ``aggregate`` receives none.
+            Seeds a private generator used when ``aggregate`` receives none. Its state is saved in
+            the ``state_dict``, so a resumed run continues the same sequence of orders.
     """
 
     is_random = True
 
     def __init__(self, num_tasks: int | None = None, seed: int | None = None) -> None:
         super().__init__(num_tasks)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
         self._generator: torch.Generator | None = None
         if seed is not None:
             self._generator = torch.Generator().manual_seed(seed)
@@ -52,13 +57,24 @@ class PCGrad(GramianMethod):
         generator = generator if generator is not None else self._generator
         gram = gramian.detach().to(device="cpu", dtype=torch.float64)
         num_tasks = gram.shape[0]
+        device = generator.device if generator is not None else torch.device("cpu")
         weights = torch.zeros(num_tasks, dtype=torch.float64)
         for i in range(num_tasks):
             coefficients = torch.zeros(num_tasks, dtype=torch.float64)
             coefficients[i] = 1.0
-            for j in torch.randperm(num_tasks, generator=generator).tolist():
+            for j in torch.randperm(num_tasks, generator=generator, device=device).tolist():
                 inner = float(gram[j] @ coefficients)
                 if inner < 0.0 and gram[j, j] > 0.0:
                     coefficients[j] -= inner / gram[j, j]
             weights += coefficients
         return weights.to(gramian.dtype)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator_state": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        generator_state = state.get("generator_state")
+        if generator_state is not None:
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(generator_state)
