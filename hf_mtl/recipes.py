@@ -46,7 +46,7 @@ from .registry import Registry
 
 #: The sections of a recipe.
 RECIPE_KEYS = ("name", "description", "encoders", "trunk", "head_dropout", "data", "tasks", "training")
-ENCODER_KEYS = ("config", "pretrained", "processor", "collator")
+ENCODER_KEYS = ("config", "pretrained", "processor", "collator", "freeze")
 DATA_KEYS = ("loader", "data_dir", "options", "train_split", "eval_split", "max_train_samples", "max_eval_samples")
 PACKAGE_SCHEME = "pkg://"
 
@@ -106,12 +106,15 @@ class EncoderSpec:
             `pretrained` folder's tokenizer / processor when it has one.
         collator (`dict`, *optional*): keyword options of the modality's collator (``max_length``,
             ``max_length_seconds``, ``text_column``, ``audio_column``, ...).
+        freeze (`list[str]`, *optional*): names (or name prefixes) of the encoder's parameters to freeze,
+            e.g. ``[embeddings, encoder.layer.0]``; each must match at least one parameter.
     """
 
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     processor: dict[str, Any] | str | None = None
     collator: dict[str, Any] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -185,7 +188,7 @@ class Recipe:
                 raise ValueError(f"encoders.{key}.config needs a `model_type` (e.g. bert, vit, wav2vec2)")
             encoders[key] = EncoderSpec(
                 config=spec.get("config"), pretrained=spec.get("pretrained"), processor=spec.get("processor"),
-                collator=dict(spec.get("collator") or {}),
+                collator=dict(spec.get("collator") or {}), freeze=list(spec.get("freeze") or []),
             )
         data_specs = {}
         loaders = list_data_loaders()
@@ -301,19 +304,31 @@ def resolve_path(path: str) -> str:
 
 
 def build_encoder(key: str, spec: EncoderSpec) -> Any:
+    """The encoder: loaded from `pretrained` or built from `config`, with the `freeze` prefixes frozen."""
     from transformers import AutoConfig, AutoModel
 
     if spec.pretrained is not None:
         folder = resolve_path(spec.pretrained)
         if not os.path.isdir(folder):
             raise ValueError(f"encoders.{key}.pretrained: {folder!r} is not a local checkpoint folder")
-        return AutoModel.from_pretrained(folder)
-    config = dict(spec.config or {})
-    model_type = config.pop("model_type")
-    try:
-        return AutoModel.from_config(AutoConfig.for_model(model_type, **config))
-    except ValueError as error:
-        raise ValueError(f"encoders.{key}.config: {error}") from error
+        encoder = AutoModel.from_pretrained(folder)
+    else:
+        config = dict(spec.config or {})
+        model_type = config.pop("model_type")
+        try:
+            encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
+        except ValueError as error:
+            raise ValueError(f"encoders.{key}.config: {error}") from error
+    names = [name for name, _ in encoder.named_parameters()]
+    for prefix in spec.freeze:
+        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            blocks = sorted({name.rsplit(".", 1)[0] for name in names})
+            raise ValueError(f"encoders.{key}.freeze: {prefix!r} matches no parameter; modules with parameters: {', '.join(blocks[:40])}")
+        for name, param in encoder.named_parameters():
+            if name in matched:
+                param.requires_grad_(False)
+    return encoder
 
 
 def build_processor(key: str, spec: EncoderSpec) -> Any | None:

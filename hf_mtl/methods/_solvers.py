@@ -2,6 +2,10 @@
 
 Everything here works on NumPy float64 arrays: the Gramian is tiny (K x K), the solvers are
 sequential, and SciPy / quadprog take NumPy input. Each method module converts at its boundary.
+
+A non-finite Gramian (an overflowed float16 gradient, a NaN loss) is not solved: the solvers return
+the uniform weights, so the update stays non-finite and the trainer's overflow handling sees it,
+instead of raising from inside NumPy / quadprog.
 """
 
 from __future__ import annotations
@@ -66,9 +70,7 @@ def _next_point(current: np.ndarray, direction: np.ndarray) -> np.ndarray:
     the first coordinate leaves [0, 1], then project back onto the simplex."""
     projected = direction - direction.mean()
     negative, positive = projected < 0, projected > 0
-    steps = np.concatenate(
-        [-current[negative] / projected[negative], (1.0 - current[positive]) / projected[positive]]
-    )
+    steps = np.concatenate([-current[negative] / projected[negative], (1.0 - current[positive]) / projected[positive]])
     steps = steps[steps > 1e-7]
     step = steps.min() if steps.size else 1.0
     return project_onto_simplex(current + step * projected)
@@ -79,7 +81,8 @@ def min_norm_weights(gram: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -
 
     The solver of Sener & Koltun's reference code (``MinNormSolver.find_min_norm_element``): start
     from the best pair's closed form, then iterate a projected-gradient step followed by an exact
-    line search, until the L1 change of ``w`` is below ``tol`` or ``max_iter`` iterations.
+    line search, until the L1 change of ``w`` is below ``tol`` or ``max_iter`` iterations; then
+    `_finish_min_norm` makes the point exact.
 
     Returns:
         The weights (shape (K,), on the simplex) and the number of iterations run.
@@ -88,7 +91,7 @@ def min_norm_weights(gram: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -
     trace = np.trace(gram)
     if num_tasks == 1:
         return np.ones(1), 0
-    if not trace > 0:
+    if not np.isfinite(gram).all() or not trace > 0:
         return np.full(num_tasks, 1.0 / num_tasks), 0
     gram = gram / trace  # scale-free: the reference's `dmin = 1e8` start breaks for large gradients
     best = None
@@ -153,7 +156,7 @@ def _finish_min_norm(gram: np.ndarray, weights: np.ndarray, opt_tol: float = 1e-
             j = min(outside, key=lambda k: gradient[k])
             if gradient[j] >= value - opt_tol:
                 break  # KKT holds: optimal
-            support = sorted(support + [j])
+            support = sorted([*support, j])
             continue
         # move from `current` toward `target` until the first weight reaches 0, and drop it
         now = current[support]
@@ -171,7 +174,7 @@ def _finish_min_norm(gram: np.ndarray, weights: np.ndarray, opt_tol: float = 1e-
 
 
 # -------------------------------------------------------------------------------------------- CAGrad
-def cagrad_dual_weights(gram: np.ndarray, c: float, ftol: float = 1e-12, max_iter: int = 500) -> np.ndarray:
+def cagrad_dual_weights(gram: np.ndarray, c: float, ftol: float = 1e-15, max_iter: int = 500) -> np.ndarray:
     """CAGrad's dual ``w* = argmin_{w∈Δ} g_wᵀ g₀ + c ||g₀|| ||g_w||`` on the Gramian.
 
     With ``b = 1/K`` (so ``g₀ = Jᵀ b``): ``g_wᵀ g₀ = wᵀ G b``, ``||g_w|| = sqrt(wᵀ G w)``,
@@ -184,7 +187,7 @@ def cagrad_dual_weights(gram: np.ndarray, c: float, ftol: float = 1e-12, max_ite
     num_tasks = gram.shape[0]
     uniform = np.full(num_tasks, 1.0 / num_tasks)
     trace = np.trace(gram)
-    if num_tasks == 1 or not trace > 0:
+    if num_tasks == 1 or not np.isfinite(gram).all() or not trace > 0:
         return uniform
     gram = gram / trace
     linear = gram @ uniform
@@ -253,8 +256,10 @@ def power_balance_weights(
 
     The problem is solved on ``G / trace(G)`` and mapped back by ``w = trace^{-1/(1+p)} ŵ``, so the
     result does not depend on the gradients' overall scale. Newton steps stay inside ``w > 0``
-    (fraction to the boundary 0.99) with Armijo backtracking; the linear systems are solved with
-    Jacobi scaling, which keeps them well conditioned when the rows' norms differ by many orders.
+    (fraction to the boundary 0.99) with Armijo backtracking while the Newton decrement exceeds
+    1e-6 and full steps below it (the quadratic phase, where ``f``'s rounding would stall Armijo);
+    the linear systems are solved with Jacobi scaling, which keeps them well conditioned when the
+    rows' norms differ by many orders.
 
     Args:
         gram: the K x K Gramian (float64).
@@ -269,9 +274,11 @@ def power_balance_weights(
         ``(weights, iterations, residual)``, with ``residual = max_i |w_i^p (A w)_i - 1|``.
     """
     num_tasks = gram.shape[0]
+    if not np.isfinite(gram).all():
+        return np.full(num_tasks, 1.0 / num_tasks), 0, float("nan")
     weights = np.zeros(num_tasks)
     diagonal = np.diag(gram)
-    largest = diagonal.max() if num_tasks else 0.0
+    largest = diagonal.max()
     if not largest > 0:
         return weights, 0, 0.0
     keep = diagonal > ZERO_ROW_RTOL * largest
@@ -325,6 +332,10 @@ def power_balance_weights(
 
 
 # -------------------------------------------------------------------------------- UPGrad, DualProj
+#: How UPGrad / DualProj regularise the Gramian before the QP (see `project_preferences`).
+REGULARIZATIONS = ("trace", "per_task")
+
+
 def normalize_and_regularize(gram: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
     """TorchJD's preprocessing (``_utils/gramian.py``): divide by the trace (the squared Frobenius
     norm of J), or replace by 0 when the trace is below ``norm_eps``; then add ``reg_eps · I``.
@@ -355,5 +366,54 @@ def dual_cone_weights(gram: np.ndarray, preference: np.ndarray) -> np.ndarray:
     linear = np.zeros(num_tasks)
     constraints = np.eye(num_tasks)
     rows = np.atleast_2d(preference)
-    solutions = np.stack([quadprog.solve_qp(gram, linear, constraints, np.asarray(u, dtype=np.float64))[0] for u in rows])
+    solutions = np.stack(
+        [quadprog.solve_qp(gram, linear, constraints, np.asarray(u, dtype=np.float64))[0] for u in rows]
+    )
     return solutions.reshape(np.shape(preference))
+
+
+def dual_cone_weights_per_task(gram: np.ndarray, preference: np.ndarray, reg_eps: float) -> np.ndarray:
+    """`dual_cone_weights` for ``G + reg_eps · diag(G)`` instead of ``G / trace + reg_eps · I``.
+
+    Solved in correlation form: with ``n_i = ||g_i||`` and ``y = n ⊙ v`` the QP becomes
+    ``min yᵀ (C + reg_eps I) y`` subject to ``y ≥ n ⊙ u``, ``C = N⁻¹ G N⁻¹`` (unit diagonal), which is
+    well conditioned however much the rows' norms differ, and the relaxation it leaves,
+    ``d · g_i ≥ -reg_eps ||g_i|| y_i``, is relative to each task's own norm. Zero rows (see
+    ``ZERO_ROW_RTOL``) keep ``v_i = u_i``: they constrain nothing and contribute nothing.
+    """
+    import quadprog
+
+    diagonal = np.diag(gram)
+    rows = np.atleast_2d(preference).astype(np.float64)
+    solutions = rows.copy()
+    largest = diagonal.max()
+    if not largest > 0:
+        return solutions.reshape(np.shape(preference))
+    keep = diagonal > ZERO_ROW_RTOL * largest
+    norms = np.sqrt(diagonal[keep])
+    correlation = nearest_psd(gram[np.ix_(keep, keep)] / np.outer(norms, norms)) + reg_eps * np.eye(int(keep.sum()))
+    linear = np.zeros(int(keep.sum()))
+    constraints = np.eye(int(keep.sum()))
+    for solution, u in zip(solutions, rows, strict=True):
+        scaled = quadprog.solve_qp(correlation, linear, constraints, norms * u[keep])[0]
+        solution[keep] = scaled / norms
+    return solutions.reshape(np.shape(preference))
+
+
+def project_preferences(
+    gram: np.ndarray, preference: np.ndarray, norm_eps: float, reg_eps: float, regularization: str
+) -> np.ndarray:
+    """The dual-cone projection weights of UPGrad / DualProj for each row of ``preference``.
+
+    ``regularization="trace"`` is TorchJD's ``G / trace(G) + reg_eps · I`` (``G`` zeroed below
+    ``norm_eps``); ``"per_task"`` is ``G + reg_eps · diag(G)`` (`dual_cone_weights_per_task`), with the
+    same ``norm_eps`` rule (a trace below it gives ``v = u``).
+    """
+    if not np.isfinite(gram).all():
+        return np.array(preference, dtype=np.float64)
+    if regularization == "trace":
+        return dual_cone_weights(normalize_and_regularize(gram, norm_eps, reg_eps), preference)
+    trace = np.trace(gram)
+    if not trace >= norm_eps or not trace > 0:
+        return np.array(preference, dtype=np.float64)
+    return dual_cone_weights_per_task(gram / trace, preference, reg_eps)

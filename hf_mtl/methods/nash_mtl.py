@@ -40,10 +40,10 @@ depends on the overall gradient scale: on random 2-5 task problems (a replica of
 solver, first call) it matches the exact solution to ~1e-10 in direction for Gramian entries of
 order 1, but for ``J → 1e4 J`` or ``1e-4 J`` the residual ``max_i |α_i (G α)_i - 1|`` reaches 0.4-7 and
 the returned direction differs by ``1 - cos`` up to 0.2-0.5. hf_mtl's ``α`` is the exact fixed
-point, so ``d(sJ) = d(J)`` to rounding for every ``s``. Like the
-reference, ``||d||`` does not shrink as the gradients vanish (it is ``sqrt(K)``); the reference then
-clips the shared gradient to ``max_norm = 1.0``, which the Trainer's ``max_grad_norm`` (default 1.0)
-does here.
+point, so ``d(sJ) = d(J)`` to rounding for every ``s``. As with the reference, ``||d||`` does not
+shrink as the gradients vanish (it is ``sqrt(K)``); the reference then clips the shared gradient to
+``max_norm = 1.0``, which the Trainer's ``max_grad_norm`` (default 1.0) does here (on all
+parameters, heads included, rather than on the shared ones only).
 
 ``update_weights_every`` (paper §3.3, default 1): recompute ``α`` only every that many calls and
 reuse the last ``α`` in between (the paper reports up to ~10x less time on QM9).
@@ -142,7 +142,8 @@ class NashMTL(GramianMethod):
         alpha, self.last_iterations, self.last_residual = power_balance_weights(
             gramian_to_numpy(gramian), 1.0, self.reg_eps, start=start, tol=self.tol, max_iter=self.max_iter
         )
-        self._alpha[slots] = torch.from_numpy(alpha)
+        if np.isfinite(self.last_residual):  # a non-finite Gramian is not solved: keep the last α
+            self._alpha[slots] = torch.from_numpy(alpha)
         return weights_to_tensor(alpha, gramian)
 
     def get_extra_state(self) -> dict[str, Any]:

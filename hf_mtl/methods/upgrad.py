@@ -15,16 +15,25 @@ the weights are ``w = Σ_i v^{(i)}`` with ``u^{(i)} = e_i / K``. Properties the 
 ``J d ≥ 0`` (no task's first-order loss increases), ``d(sJ) = s d(J)``, equality with the
 definition computed by projecting each row in parameter space, and K = 1 gives the row itself.
 
-Preprocessing, as TorchJD: ``G`` is divided by its trace (the squared Frobenius norm of J) so the QP
-is scale-free, then ``reg_eps · I`` (1e-4) is added so quadprog sees a positive-definite matrix.
-When the trace is below ``norm_eps`` (1e-4) TorchJD replaces ``G`` by zeros rather than divide by
-a tiny number; the QP is then ``min ||v||²`` over ``v ≥ u``, so ``w = u`` and **the update is the
-plain mean of the rows** (no projection) for gradients whose squared norms sum to less than 1e-4.
-Pass ``norm_eps=0`` to always normalise (full scale invariance). The regularisation relaxes the
-guarantee to ``d · g_i ≥ -reg_eps · trace(G) · w_i`` (from the QP's KKT conditions
-``(Ĝ + reg_eps I) v ≥ 0``), i.e. ~1e-4 relative. hf_mtl also clips
-float32 rounding's negative eigenvalues to 0 before adding ``reg_eps · I`` (TorchJD does not), so
-quadprog never rejects the matrix.
+Preprocessing, as TorchJD (``regularization="trace"``, the default): ``G`` is divided by its trace
+(the squared Frobenius norm of J) so the QP is scale-free, then ``reg_eps · I`` (1e-4) is added so
+quadprog sees a positive-definite matrix. hf_mtl also clips float32 rounding's negative eigenvalues to
+0 first (TorchJD does not), so quadprog never rejects the matrix.
+
+- **Small gradients.** When the trace is below ``norm_eps`` (1e-4) TorchJD replaces ``G`` by zeros
+  rather than divide by a tiny number; the QP is then ``min ||v||²`` over ``v ≥ u``, so ``w = u`` and
+  the update is **the plain mean of the rows, unprojected**, whenever the squared gradient norms sum
+  to less than 1e-4. Pass ``norm_eps=0`` to always normalise.
+- **Unequal gradients.** The KKT conditions of the regularised QP only give
+  ``d · g_i ≥ -reg_eps · trace(G) · w_i``: the slack is relative to the *total* squared norm, so a
+  task whose gradient is ~1 % of the largest one can be conflicted. On seeded random matrices whose
+  row norms differ by 100x, the default's update reaches ``cos(d, g_i) = -0.15`` for the small task
+  (and differs from the exact definition by 10-16 %). ``reg_eps=1e-8`` removes it there (any
+  ``reg_eps > 0`` is safe here because of the eigenvalue clipping) but not for a task 1e6 times
+  smaller (``cos = -0.53``). ``regularization="per_task"`` (hf_mtl's option) regularises with
+  ``reg_eps · diag(G)`` and solves the QP in correlation form (``y = ||g_i|| v_i``, unit-diagonal
+  matrix), which leaves ``d · g_i ≥ -reg_eps · ||g_i|| · y_i``, a slack relative to each task's own
+  norm, at any spread of norms.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._solvers import dual_cone_weights, gramian_to_numpy, normalize_and_regularize, weights_to_tensor
+from ._solvers import REGULARIZATIONS, gramian_to_numpy, project_preferences, weights_to_tensor
 from .base import GramianMethod
 from .registry import register_method
 
@@ -49,18 +58,31 @@ class UPGrad(GramianMethod):
             Below this trace the Gramian is treated as zero and the update is the mean (TorchJD).
             Must be ≥ 0.
         reg_eps (`float`, *optional*, defaults to `1e-4`):
-            Added to the diagonal of the normalised Gramian. Must be > 0 (quadprog needs a
-            positive-definite matrix).
+            Added to the diagonal of the normalised Gramian (see ``regularization``). Must be > 0
+            (quadprog needs a positive-definite matrix).
+        regularization (`str`, *optional*, defaults to `"trace"`):
+            ``"trace"``: TorchJD's ``G / trace(G) + reg_eps · I``. ``"per_task"``: ``G + reg_eps · diag(G)``,
+            solved in correlation form, which keeps the no-conflict guarantee for tasks whose gradient is
+            much smaller than the others' (see the module docstring).
     """
 
-    def __init__(self, num_tasks: int | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> None:
+    def __init__(
+        self,
+        num_tasks: int | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        regularization: str = "trace",
+    ) -> None:
         super().__init__(num_tasks)
         if not norm_eps >= 0:
             raise ValueError(f"`norm_eps` must be >= 0, got {norm_eps!r}")
         if not reg_eps > 0:
             raise ValueError(f"`reg_eps` must be > 0 (quadprog needs a positive-definite Gramian), got {reg_eps!r}")
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"`regularization` must be one of {list(REGULARIZATIONS)}, got {regularization!r}")
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps
+        self.regularization = regularization
 
     def weights_from_gramian(
         self,
@@ -70,7 +92,8 @@ class UPGrad(GramianMethod):
         task_ids: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        gram = normalize_and_regularize(gramian_to_numpy(gramian), self.norm_eps, self.reg_eps)
-        num_tasks = gram.shape[0]
-        projections = dual_cone_weights(gram, np.eye(num_tasks) / num_tasks)
+        num_tasks = gramian.shape[0]
+        projections = project_preferences(
+            gramian_to_numpy(gramian), np.eye(num_tasks) / num_tasks, self.norm_eps, self.reg_eps, self.regularization
+        )
         return weights_to_tensor(projections.sum(axis=0), gramian)

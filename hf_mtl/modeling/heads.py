@@ -4,7 +4,8 @@ A head maps the encoder's hidden states (B, T, H) to logits, turns a list of raw
 a label tensor (``collate_labels``), and computes a loss in which missing labels are masked out,
 never counted as a class (DESIGN.md, step 2):
 
-- single-label ``classification``: a missing label (``None`` / ``-100``) is ignored by the cross-entropy;
+- single-label ``classification``: a missing label (``None``, ``-100``, or ``-1``, which `datasets.ClassLabel`
+  writes for a missing label) is ignored by the cross-entropy;
 - ``multilabel``: each row is a list of 0/1 values, ``None`` entries are masked out of the BCE;
 - ``regression``: ``None`` / NaN targets are masked out of the MSE;
 - ``token_classification``: one label per token, ``-100`` where a token has none.
@@ -91,6 +92,11 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value == IGNORE_INDEX
 
 
+def _is_missing_class(value: Any) -> bool:
+    """A missing class label: ``None``, NaN, ``-100``, or ``-1`` (`datasets.ClassLabel`'s missing value)."""
+    return _is_missing(value) or value == -1
+
+
 @HEADS.register("classification")
 class ClassificationHead(TaskHead):
     """Single-label classification: cross-entropy over ``num_labels`` classes, missing labels ignored."""
@@ -101,14 +107,14 @@ class ClassificationHead(TaskHead):
         return logits.sum() * 0.0
 
     def collate_labels(self, values: Sequence[Any]) -> Tensor:
-        return torch.tensor([IGNORE_INDEX if _is_missing(v) else int(v) for v in values], dtype=torch.long)
+        return torch.tensor([IGNORE_INDEX if _is_missing_class(v) else int(v) for v in values], dtype=torch.long)
 
     def predictions(self, logits: Tensor) -> Tensor:
         return logits.argmax(dim=-1)
 
     def check_labels(self, values: Sequence[Any]) -> str | None:
         for value in values:
-            if not _is_missing(value) and not 0 <= int(value) < self.num_labels:
+            if not _is_missing_class(value) and not 0 <= int(value) < self.num_labels:
                 return f"label {value!r} is outside [0, {self.num_labels - 1}]"
         return None
 
@@ -129,7 +135,7 @@ class TokenClassificationHead(ClassificationHead):
         length = max(len(v) for v in values)
         out = torch.full((len(values), length), IGNORE_INDEX, dtype=torch.long)
         for row, sequence in enumerate(values):
-            out[row, : len(sequence)] = torch.tensor([IGNORE_INDEX if _is_missing(v) else int(v) for v in sequence])
+            out[row, : len(sequence)] = torch.tensor([IGNORE_INDEX if _is_missing_class(v) else int(v) for v in sequence])
         return out
 
     def check_labels(self, values: Sequence[Any]) -> str | None:

@@ -3,15 +3,10 @@ from a local vocabulary, and heads to collate and check labels."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from hf_mtl.data import load_fsdd, load_trec
+from hf_mtl.data import load_fsdd
 
-# The full data sets live next to the repository (../shared/data); HF_MTL_DATA points elsewhere.
-DATA_ROOT = Path(os.environ.get("HF_MTL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
@@ -20,34 +15,16 @@ VOCAB = [
 ]  # fmt: skip
 
 
-def data_dir(name: str) -> Path:
-    path = DATA_ROOT / name
-    if not path.is_dir():
-        pytest.skip(f"the full {name} data set is not at {path} (set HF_MTL_DATA)")
-    return path
-
-
 @pytest.fixture(scope="session")
-def trec_dir():
+def trec_dir(shared_data_dir):
     """The folder of the full TREC files."""
-    return data_dir("trec")
+    return shared_data_dir("trec")
 
 
 @pytest.fixture(scope="session")
-def fsdd_full():
+def fsdd_full(shared_data_dir):
     """The full FSDD (3,000 clips), loaded once: it takes a few seconds."""
-    return load_fsdd(data_dir("fsdd"))
-
-
-@pytest.fixture(scope="session")
-def fsdd_sample():
-    """The 600-clip FSDD sample shipped with hf_mtl."""
-    return load_fsdd()
-
-
-@pytest.fixture(scope="session")
-def trec_sample():
-    return load_trec()
+    return load_fsdd(shared_data_dir("fsdd"))
 
 
 @pytest.fixture(scope="session")

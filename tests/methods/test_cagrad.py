@@ -86,7 +86,7 @@ def test_constraint_holds_and_primal_matches_an_independent_solver(index: int) -
     torch.testing.assert_close(unscaled, primal, rtol=0, atol=1e-5 * mean.norm().item())
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(10))
 def test_equal_inner_products_for_the_tasks_the_dual_uses(index: int) -> None:
     jacobian = _random_jacobians()[index]
     method = get_method("cagrad")
@@ -94,7 +94,9 @@ def test_equal_inner_products_for_the_tasks_the_dual_uses(index: int) -> None:
     inner = jacobian @ (_update(method, jacobian) * (1 + C**2))
     active = dual > 1e-6
     scale = jacobian.mean(dim=0).norm() ** 2
-    torch.testing.assert_close(inner[active], inner[active].min().expand(int(active.sum())), rtol=0, atol=1e-5 * scale.item())
+    torch.testing.assert_close(
+        inner[active], inner[active].min().expand(int(active.sum())), rtol=0, atol=1e-5 * scale.item()
+    )
     assert torch.all(inner >= inner[active].min() - 1e-5 * scale)  # the tasks left out improve more
 
 
@@ -111,9 +113,12 @@ def test_dual_weights_are_optimal_against_a_simplex_grid(num_tasks: int) -> None
         grid = np.stack([first[keep], second[keep], np.clip(1 - first[keep] - second[keep], 0, None)], axis=1)
     method = get_method("cagrad")
     for _ in range(6):
-        jacobian = torch.randn(num_tasks, 15, generator=generator, dtype=torch.float64) * torch.rand(
-            num_tasks, 1, generator=generator, dtype=torch.float64
-        ) * 3 + torch.randn(15, generator=generator, dtype=torch.float64) * 0.3
+        jacobian = (
+            torch.randn(num_tasks, 15, generator=generator, dtype=torch.float64)
+            * torch.rand(num_tasks, 1, generator=generator, dtype=torch.float64)
+            * 3
+            + torch.randn(15, generator=generator, dtype=torch.float64) * 0.3
+        )
         dual = method.dual_weights(jacobian @ jacobian.T).numpy()
         assert np.all(dual >= 0) and np.isclose(dual.sum(), 1.0)
         values = _dual_objective(jacobian.numpy(), grid)
@@ -124,7 +129,7 @@ def test_dual_weights_are_optimal_against_a_simplex_grid(num_tasks: int) -> None
 
 
 def test_orthogonal_unit_rows_worked_by_hand() -> None:
-    """g = e₁, e₂: w* = (½, ½) by symmetry, g_w = g₀, so d₀ = (1 + c) g₀ and d = (1 + c) / (1 + c²) g₀."""
+    """g = e₁, e₂: w* = (½, ½) by symmetry and g_w = g₀, so d₀ = (1 + c) g₀, d = (1 + c) / (1 + c²) g₀."""
     jacobian = torch.eye(2)
     method = get_method("cagrad")
     update = method.aggregate(jacobian)
@@ -190,3 +195,12 @@ def test_invalid_arguments() -> None:
         get_method("cagrad", rescale=3)
     with pytest.raises(ValueError, match="`c` must be >= 0"):
         get_method("cagrad", c=-0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_propagates_without_raising(bad: float) -> None:
+    """An overflowed gradient is not solved: uniform weights, so the trainer's overflow check sees it."""
+    jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    jacobian[1, 2] = bad
+    update = get_method("cagrad").aggregate(jacobian)
+    assert not torch.isfinite(update[2]) and torch.isfinite(update[[0, 1, 3, 4]]).all()

@@ -42,7 +42,9 @@ def test_weights_solve_the_fairness_equation(alpha: float) -> None:
         torch.testing.assert_close(gram @ weights, weights ** (-1 / alpha), rtol=1e-9, atol=0)
         # with the default regularisation: (G w)_i w_i^{1/α} = 1 - reg_eps · G_ii w_i^{1+1/α}
         weights = _weights(jacobian, alpha=alpha)
-        torch.testing.assert_close((gram @ weights) * weights ** (1 / alpha), torch.ones_like(weights), rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            (gram @ weights) * weights ** (1 / alpha), torch.ones_like(weights), rtol=0, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
@@ -52,7 +54,7 @@ def test_matches_the_reference_least_squares_solver(alpha: float) -> None:
         gram = (jacobian @ jacobian.T).numpy()
         num_tasks = gram.shape[0]
         reference = least_squares(
-            lambda x: gram @ x - np.power(1 / x, 1 / alpha),
+            lambda x, gram=gram: gram @ x - np.power(1 / x, 1 / alpha),
             np.ones(num_tasks) / num_tasks,
             bounds=(0, np.inf),
             xtol=1e-15,
@@ -116,3 +118,12 @@ def test_invalid_arguments() -> None:
         get_method("fairgrad", alpha=0.0)
     with pytest.raises(ValueError, match="`reg_eps` must be >= 0"):
         get_method("fairgrad", reg_eps=-1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_propagates_without_raising(bad: float) -> None:
+    """An overflowed gradient is not solved: uniform weights, so the trainer's overflow check sees it."""
+    jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    jacobian[1, 2] = bad
+    update = get_method("fairgrad").aggregate(jacobian)
+    assert not torch.isfinite(update[2]) and torch.isfinite(update[[0, 1, 3, 4]]).all()

@@ -42,7 +42,7 @@ def _exact_min_norm(gram: np.ndarray) -> np.ndarray:
     return quadprog.solve_qp(matrix, np.zeros(num_tasks), constraints, bounds, meq=1)[0]
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(10))
 def test_minimum_norm_in_convex_hull_matches_exact_qp(index: int) -> None:
     jacobian = _random_jacobians()[index]
     weights = _weights(get_method("mgda"), jacobian)
@@ -53,7 +53,7 @@ def test_minimum_norm_in_convex_hull_matches_exact_qp(index: int) -> None:
     torch.testing.assert_close(update, best, rtol=1e-6, atol=1e-8 * jacobian.norm().item())
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(10))
 def test_equal_inner_products_for_active_tasks(index: int) -> None:
     """KKT of the min-norm problem: d·g_i ≥ ||d||² for all i, with equality where w_i > 0."""
     jacobian = _random_jacobians()[index]
@@ -72,7 +72,9 @@ def test_two_task_closed_form_on_a_grid() -> None:
     generator = torch.Generator().manual_seed(3)
     grid = torch.linspace(0, 1, 100_001, dtype=torch.float64)
     for _ in range(8):
-        jacobian = torch.randn(2, 12, generator=generator, dtype=torch.float64) + torch.randn(12, generator=generator, dtype=torch.float64)
+        jacobian = torch.randn(2, 12, generator=generator, dtype=torch.float64) + torch.randn(
+            12, generator=generator, dtype=torch.float64
+        )
         g1, g2 = jacobian
         gamma = ((g2 - g1) @ g2 / (g1 - g2).norm() ** 2).clamp(0, 1)
         weights = _weights(get_method("mgda"), jacobian)
@@ -150,7 +152,9 @@ def test_solver_reports_reference_iterations_and_finishes_exactly() -> None:
         for max_iter in (0, 1, 250):
             weights, iterations = min_norm_weights(gram, max_iter=max_iter)
             assert iterations <= max_iter
-            np.testing.assert_allclose(weights @ gram @ weights, (lambda w: w @ gram @ w)(_exact_min_norm(gram)), rtol=1e-9)
+            np.testing.assert_allclose(
+                weights @ gram @ weights, (lambda w: w @ gram @ w)(_exact_min_norm(gram)), rtol=1e-9
+            )
 
 
 def test_l2_normalization_weights_normalised_rows_and_updates_raw_rows() -> None:
@@ -191,3 +195,12 @@ def test_invalid_arguments() -> None:
         get_method("mgda", tol=0.0)
     with pytest.raises(ValueError, match="`max_iter`"):
         get_method("mgda", max_iter=-1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_propagates_without_raising(bad: float) -> None:
+    """An overflowed gradient is not solved: uniform weights, so the trainer's overflow check sees it."""
+    jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    jacobian[1, 2] = bad
+    update = get_method("mgda").aggregate(jacobian)
+    assert not torch.isfinite(update[2]) and torch.isfinite(update[[0, 1, 3, 4]]).all()

@@ -39,17 +39,30 @@ def test_returned_representation_gradient_gives_the_weighted_parameter_gradient(
 
     representation = encoder(inputs)
     detached = representation.detach().requires_grad_(True)
-    losses = [nn.functional.mse_loss(head(detached), target) for head, target in zip(heads, targets)]
+    losses = [nn.functional.mse_loss(head(detached), target) for head, target in zip(heads, targets, strict=True)]
     rows = torch.stack([torch.autograd.grad(loss, detached)[0].reshape(-1) for loss in losses])
 
     method = get_method("mgda_ub", num_tasks=3)
     representation_grad = method.aggregate(rows, representation=detached.detach().reshape(-1))
     assert representation_grad.shape == (representation.numel(),)
-    parameter_update = torch.autograd.grad(representation, shared, grad_outputs=representation_grad.view_as(representation))
+    parameter_update = torch.autograd.grad(
+        representation, shared, grad_outputs=representation_grad.view_as(representation)
+    )
 
     weights = method.last_weights
     assert torch.all(weights >= 0) and torch.isclose(weights.sum(), torch.tensor(1.0))
-    task_losses = [nn.functional.mse_loss(head(encoder(inputs)), target) for head, target in zip(heads, targets)]
-    weighted = torch.autograd.grad(sum(w * loss for w, loss in zip(weights, task_losses)), shared)
-    for got, expected in zip(parameter_update, weighted):
+    task_losses = [
+        nn.functional.mse_loss(head(encoder(inputs)), target) for head, target in zip(heads, targets, strict=True)
+    ]
+    weighted = torch.autograd.grad(sum(w * loss for w, loss in zip(weights, task_losses, strict=True)), shared)
+    for got, expected in zip(parameter_update, weighted, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_propagates_without_raising(bad: float) -> None:
+    """An overflowed gradient is not solved: uniform weights, so the trainer's overflow check sees it."""
+    jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    jacobian[1, 2] = bad
+    update = get_method("mgda_ub").aggregate(jacobian)
+    assert not torch.isfinite(update[2]) and torch.isfinite(update[[0, 1, 3, 4]]).all()
