@@ -282,10 +282,13 @@ def build_text_model(kind: str, tasks: Sequence[Any], seed: int) -> tuple[Any, A
     which the mean-pooling heads never read (its parameters would get no gradient).
     """
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging
 
     from hf_mtl import MultiTaskModel
     from hf_mtl.recipes import resolve_path
 
+    logging.set_verbosity_error()  # the load report lists the pooler weights left out on purpose
+    logging.disable_progress_bar()
     folder = resolve_path(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(seed)

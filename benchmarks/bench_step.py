@@ -91,7 +91,8 @@ def split_method(spec: str) -> tuple[str, dict[str, Any], str | None]:
 
 
 def contenders(methods: list[str], peer_libraries: set[str], task_count: int) -> list[tuple[str, str, str | None]]:
-    """(name, library, method) of every contender, in table order."""
+    """(name, library, method) of every contender. Each hf_mtl method is followed by its peers, so that
+    contenders compared with each other run close in time (the load of a shared machine drifts)."""
     from hf_mtl.methods import list_methods
 
     valid = set(list_methods()) | set(ALIASES)
@@ -103,8 +104,7 @@ def contenders(methods: list[str], peer_libraries: set[str], task_count: int) ->
         if sam and sam not in ("sam", "asam", "fmtl"):
             raise SystemExit(f"--methods: unknown sharpness variant {sam!r} in {spec!r}; valid: sam, asam, fmtl")
         items.append((f"hf_mtl:{spec}", "hf_mtl", spec))
-    for spec in methods:
-        if "+" in spec:
+        if sam:
             continue
         key = "imtl" if spec == "imtl_g" else spec
         if "torchjd" in peer_libraries and key in peers.TORCHJD_AGGREGATORS:
@@ -408,6 +408,8 @@ def main() -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"hf_mtl methods, METHOD[+sam|asam|fmtl] (default {DEFAULT_METHODS})")
     parser.add_argument("--peers", default="torchjd,libmtl", help="peer libraries to run: torchjd, libmtl, or none")
     parser.add_argument("--data-dir", default=None, help="folder with trec/ (default ../shared/data, else hf_mtl's sample)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole plan this many times (alternating order) and keep each contender's best round")
     parser.add_argument("--no-isolate", action="store_true", help="run every contender in this process (memory then not comparable)")
     parser.add_argument("--no-agreement", action="store_true", help="skip the agreement checks")
     parser.add_argument("--seed", type=int, default=0)
@@ -434,14 +436,19 @@ def main() -> None:
     print(f"model {cfg.model}, tasks {', '.join(cfg.tasks)}, batch {cfg.batch_size} x {cfg.seq_len} tokens, "
           f"{cfg.warmup} warm-up + {cfg.steps} measured steps, {len(plan)} contenders")
 
-    results: list[Result] = []
+    results: dict[str, Result] = {}
     started = time.time()
-    for name, library, spec in plan:
-        result = run_contender(cfg, name, library, spec) if options.no_isolate else run_isolated(cfg, name, library, spec)
-        status = f"{result.timing['median_ms']:.1f} ms" if result.timing else f"FAILED {result.error}"
-        print(f"  {name:<24} {status}", flush=True)
-        results.append(result)
+    for round_index in range(options.rounds):
+        order = plan if round_index % 2 == 0 else plan[::-1]
+        if options.rounds > 1:
+            print(f"round {round_index + 1}/{options.rounds} (load average {[round(x, 2) for x in os.getloadavg()]})")
+        for name, library, spec in order:
+            result = run_contender(cfg, name, library, spec) if options.no_isolate else run_isolated(cfg, name, library, spec)
+            status = f"{result.timing['median_ms']:.1f} ms" if result.timing else f"FAILED {result.error}"
+            print(f"  {name:<24} {status}", flush=True)
+            results[name] = best_of(results.get(name), result)
     elapsed = time.time() - started
+    results = [results[name] for name, _, _ in plan]
 
     table, rows = summarise(results)
     print()
@@ -460,8 +467,23 @@ def main() -> None:
     print(f"\nload average after: {machine['load_average_after']}; contenders took {elapsed:.0f} s")
     common.write_json(options.output, {
         "benchmark": "bench_step", "config": asdict(cfg), "machine": machine, "isolated": not options.no_isolate,
+        "rounds": options.rounds,
         "rows": rows, "results": [asdict(r) for r in results], "agreement": agreement, "table": table,
     })
+
+
+def best_of(previous: Result | None, new: Result) -> Result:
+    """Across rounds: the round with the lowest median (the least disturbed by other processes); every
+    round's median is kept in ``timing["round_medians_ms"]``."""
+    if previous is None:
+        if new.timing:
+            new.timing["round_medians_ms"] = [new.timing["median_ms"]]
+        return new
+    rounds = previous.timing.get("round_medians_ms", []) + ([new.timing["median_ms"]] if new.timing else [])
+    best = new if new.timing and (not previous.timing or new.timing["median_ms"] < previous.timing["median_ms"]) else previous
+    if best.timing:
+        best.timing["round_medians_ms"] = rounds
+    return best
 
 
 def summarise(results: list[Result]) -> tuple[str, list[dict[str, Any]]]:

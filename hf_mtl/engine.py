@@ -298,6 +298,7 @@ class MultiTaskEngine:
         combined = self.method.combine_losses(
             transformed, task_ids=ids if len(names) < len(self.task_names) else None, generator=generator
         )
+        self._record_weights(names)
         grads = torch.autograd.grad(combined * self.grad_scale, self.plain_params, allow_unused=True)
         self.add_plain(self.plain_params, grads, scale)
 

@@ -70,8 +70,6 @@ class MultiTaskTrainingArguments(TrainingArguments):
             η of ASAM's T_w = |w| + η.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["mtl_method_kwargs", "task_batch_sizes"]
-
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow training into a non-empty `output_dir` (otherwise refused, unless resuming)."},
@@ -111,11 +109,12 @@ class MultiTaskTrainingArguments(TrainingArguments):
     sam_eta: float = field(default=0.01, metadata={"help": "eta of ASAM's T_w = |w| + eta."})
 
     def __post_init__(self) -> None:
+        self.mtl_method_kwargs = _as_dict("mtl_method_kwargs", self.mtl_method_kwargs)
+        self.task_batch_sizes = _as_dict("task_batch_sizes", self.task_batch_sizes)
         super().__post_init__()
         methods = list_methods()
         if self.mtl_method not in methods:
             raise ValueError(f"`mtl_method` must be one of {', '.join(methods)}; got {self.mtl_method!r}")
-        self.mtl_method_kwargs = _as_dict("mtl_method_kwargs", self.mtl_method_kwargs)
         if "num_tasks" in self.mtl_method_kwargs:
             raise ValueError("`mtl_method_kwargs` must not set `num_tasks`: the trainer fills it in from the tasks")
         if self.mtl_method_learning_rate is not None and not self.mtl_method_learning_rate >= 0:
@@ -125,7 +124,6 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"`task_sampling` must be one of {', '.join(samplers)}; got {self.task_sampling!r}")
         if not (isinstance(self.sampling_temperature, (int, float)) and self.sampling_temperature > 0):
             raise ValueError(f"`sampling_temperature` must be > 0, got {self.sampling_temperature!r}")
-        self.task_batch_sizes = _as_dict("task_batch_sizes", self.task_batch_sizes)
         for task, size in self.task_batch_sizes.items():
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"`task_batch_sizes` must map task names to positive integers; {task!r}: {size!r}")

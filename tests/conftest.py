@@ -63,29 +63,32 @@ def trec_tokenizer(tmp_path_factory, trec_sample):
     return BertTokenizerFast(vocab_file=str(vocab))
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0):
+def tiny_text_encoder(vocab_size: int, seed: int = 0, dropout: float = 0.1):
+    """A one-layer BERT (hidden 32) with random weights."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     return BertModel(config, add_pooling_layer=False)
 
 
-def tiny_vision_encoder(seed: int = 0):
+def tiny_vision_encoder(seed: int = 0, dropout: float = 0.0):
+    """A one-layer ViT over 8x8 grey images in 2x2 patches, with random weights."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
     config = ViTConfig(
         image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     return ViTModel(config, add_pooling_layer=False)
 
 
-def tiny_speech_encoder(seed: int = 0):
+def tiny_speech_encoder(seed: int = 0, dropout: float = 0.1):
+    """A one-layer Wav2Vec2 with a three-layer convolutional front end (stride 128), random weights."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     torch.manual_seed(seed)
@@ -93,6 +96,15 @@ def tiny_speech_encoder(seed: int = 0):
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         conv_dim=(16, 32, 32), conv_kernel=(16, 8, 8), conv_stride=(8, 4, 4), feat_extract_norm="layer",
         do_stable_layer_norm=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        mask_time_prob=0.0, layerdrop=0.0,
+        mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=dropout, attention_dropout=dropout,
+        activation_dropout=dropout, feat_proj_dropout=dropout, final_dropout=dropout,
     )
     return Wav2Vec2Model(config)
+
+
+def no_dropout(model):
+    """Sets every ``nn.Dropout`` of ``model`` to p = 0 (for exactness tests)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model

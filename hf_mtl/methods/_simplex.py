@@ -1,7 +1,9 @@
-"""Private helpers for methods whose task weights live on the probability simplex (MoDo, SDMGrad, MoCo).
+"""Private helpers for methods whose task weights live on the probability simplex (MoDo, SDMGrad, MoCo,
+and MGDA's solver in `_solvers`).
 
 ``project_onto_simplex`` is the Euclidean projection of Duchi et al. (ICML 2008), the algorithm behind
-LibMTL's ``_projection2simplex`` (MoDo) and SDMGrad's ``euclidean_proj_simplex``.
+LibMTL's ``_projection2simplex`` (MoDo), SDMGrad's ``euclidean_proj_simplex`` and the projection step
+of MGDA's reference solver; it is hf_mtl's only simplex projection (NumPy callers convert).
 
 ``simplex_subset`` / ``store_simplex_subset`` let a method that keeps one simplex vector over all
 ``num_tasks`` tasks act on the tasks present in a step (a sampler may leave some out): the present

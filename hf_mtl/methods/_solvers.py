@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._simplex import project_onto_simplex
+
 #: A row whose squared norm is below this fraction of the largest squared row norm is treated as a
 #: zero row by the solvers that need a positive squared norm (Nash-MTL, FairGrad): a norm ratio of
 #: 1e-12, far below float32's resolution of the other rows.
@@ -55,16 +57,6 @@ def min_norm_pair(v11: float, v12: float, v22: float) -> tuple[float, float]:
     return gamma, v22 + gamma * (v12 - v22)
 
 
-def project_onto_simplex(y: np.ndarray) -> np.ndarray:
-    """Euclidean projection of ``y`` onto the probability simplex (sort-based, exact)."""
-    u = np.sort(y)[::-1]
-    cumulative = np.cumsum(u) - 1.0
-    index = np.arange(1, y.size + 1)
-    rho = np.nonzero(u - cumulative / index > 0)[0][-1]
-    theta = cumulative[rho] / (rho + 1.0)
-    return np.maximum(y - theta, 0.0)
-
-
 def _next_point(current: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """The reference's projected step: move along ``direction`` (projected onto ``Σ w = 0``) until
     the first coordinate leaves [0, 1], then project back onto the simplex."""
@@ -73,7 +65,7 @@ def _next_point(current: np.ndarray, direction: np.ndarray) -> np.ndarray:
     steps = np.concatenate([-current[negative] / projected[negative], (1.0 - current[positive]) / projected[positive]])
     steps = steps[steps > 1e-7]
     step = steps.min() if steps.size else 1.0
-    return project_onto_simplex(current + step * projected)
+    return project_onto_simplex(torch.from_numpy(current + step * projected)).numpy()
 
 
 def min_norm_weights(gram: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -> tuple[np.ndarray, int]:

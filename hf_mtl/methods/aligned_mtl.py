@@ -11,7 +11,8 @@ orthogonal with equal norm (the condition number of the aligned system is 1)::
     d = Σ_i (B J)_i = (B 1)ᵀ J              ⇒  weights α = B 1
 
 with ``tol = max λ · K · eps(float32)`` (the rank tolerance of ``SamsungLabs/MTL``'s
-``ProcrustesSolver``, the Gramian being formed in float32) and the scale ``λ_R`` chosen by
+``ProcrustesSolver``; the Gramian is formed in float32, and the tolerance is kept for a float64
+Gramian, which may still hold float32 gradients) and the scale ``λ_R`` chosen by
 ``scale_mode``: the smallest kept eigenvalue (``"min"``, the default of the original code and of
 LibMTL), their median (``"median"``) or their mean (``"rmse"``, so that ``sqrt(λ_R)`` is the root
 mean square of the singular values).

@@ -24,15 +24,30 @@ Hooks, all optional except the one that defines the method:
   shared parameter tensor, in the order of the Jacobian's columns, for methods that act per layer
   or per matrix (GradVac). A plain matrix with no layout is one block.
 
+When the engine calls them, and where state may change: per micro-step, on each rank's own losses,
+``transform_losses`` and ``combine_losses`` (the latter also as a probe inside
+``LossWeightingMethod.aggregate``, and again for SAM's ascent); once per optimizer step, on values
+identical on every rank, ``observe_losses`` (the step's mean losses), then ``aggregate`` (the global
+Jacobian), then ``after_optimizer_step``; ``on_epoch_end`` at each epoch's end. A method's state
+(counters, moving averages, its private generator) may only change in the once-per-step hooks, so
+that every rank keeps the same state whatever the accumulation and the number of calls:
+``transform_losses`` and ``combine_losses`` only read it (``combine_losses`` sets ``last_weights``,
+nothing else), and so does ``aggregate`` of a representation method, which runs per micro-step.
+Random draws come from the ``generator`` the engine passes (seeded from the run's seed and the step).
+
 Representation-level methods (``requires_representation = True``: MGDA-UB, GradDrop) receive as rows
 the per-task gradients with respect to the shared representation ``z`` (the features the heads read,
 flattened over the batch), ``representation=z`` flattened the same way, and return the gradient to
 send back into ``z``; the engine then backpropagates it once through the encoders.
 
-Methods are ``torch.nn.Module`` objects so that learnable state (UW's log-variances, FAMO's logits)
+Methods are ``torch.nn.Module`` objects so that learnable state (UW's log-variances, IMTL-L's scales)
 is made of parameters the Trainer's optimizer can own, and so that ``state_dict()`` /
-``load_state_dict()`` carry all state into checkpoints. Non-tensor state goes through
-``get_extra_state`` / ``set_extra_state``.
+``load_state_dict()`` carry all state into checkpoints. Tensor state is made of buffers; a buffer
+whose size is only known at the first call (K x P gradient averages, per-task weights when
+``num_tasks`` is left out) is registered empty with ``register_lazy_buffer`` and sized by
+``lazy_buffer``, and ``load_state_dict`` gives it the saved shape, so a fresh instance loads a
+checkpoint. Non-tensor state (step counters, generator states) goes through ``get_extra_state`` /
+``set_extra_state``.
 
 ``task_ids`` (a ``LongTensor`` of indices into the method's ``num_tasks`` tasks) says which tasks the
 rows or losses belong to when a sampling strategy leaves some tasks out of a step; stateless
@@ -41,7 +56,7 @@ methods ignore it.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -99,6 +114,8 @@ class GradientMethod(nn.Module):
         #: The task weights of the last call, shape (K,), for logging as ``weight/<task>``; ``None``
         #: when the method has no meaningful per-task weights (e.g. GradDrop's per-coordinate masks).
         self.last_weights: Tensor | None = None
+        #: Names of the buffers registered with `register_lazy_buffer`.
+        self._lazy_buffers: set[str] = set()
 
     # ------------------------------------------------------------------ hooks
     def transform_losses(self, losses: Tensor, *, task_ids: Tensor | None = None) -> Tensor:
@@ -140,6 +157,52 @@ class GradientMethod(nn.Module):
     def bind_parameter_layout(self, blocks: list[tuple[str, int]]) -> None:
         """Receives the ``(name, numel)`` of each shared parameter tensor, in column order. No-op by default."""
 
+    # ------------------------------------------------------------------ lazily sized state
+    def register_lazy_buffer(self, name: str, dtype: torch.dtype = torch.float32) -> None:
+        """Registers the buffer ``name`` empty (shape (0,)): `lazy_buffer` sizes it at the first call,
+        ``load_state_dict`` to the saved shape. Its first dimension must be the task dimension."""
+        self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self._lazy_buffers.add(name)
+
+    def lazy_buffer(self, name: str, shape: tuple[int, ...], fill: float) -> Tensor:
+        """The lazy buffer ``name``, created filled with ``fill`` (on the buffer's device, in its dtype)
+        if it is still empty. Raises when it holds state of another shape (a loaded checkpoint of
+        another run, or a Jacobian with another number of columns)."""
+        current = getattr(self, name)
+        if current.numel() == 0:
+            setattr(self, name, torch.full(shape, fill, dtype=current.dtype, device=current.device))
+        elif tuple(current.shape) != tuple(shape):
+            raise ValueError(
+                f"`jacobian` does not fit the state of `{self.name}`: `{name}` has shape {tuple(current.shape)}, "
+                f"this call needs {tuple(shape)} (did `num_tasks`, the shared parameters or the method's settings change?)"
+            )
+        return getattr(self, name)
+
+    def resolve_task_index(self, num_rows: int, task_ids: Tensor | None, device: torch.device) -> Tensor:
+        """Indices into ``num_tasks`` of the ``num_rows`` rows of a call, fixing ``num_tasks`` to
+        ``num_rows`` at the first call when it was left out (then ``task_ids`` cannot select a subset)."""
+        if self.num_tasks is None:
+            if task_ids is not None:
+                raise ValueError(
+                    f"`num_tasks` is required by `{self.name}` when `task_ids` selects a subset of the tasks, got None"
+                )
+            self.num_tasks = num_rows
+        return task_index(torch.empty(num_rows, device=device), task_ids, self.num_tasks)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # give each lazy buffer the saved shape before the copy (an empty saved buffer empties it), and
+        # fix `num_tasks` from the saved task dimension when it was left out
+        for name in self._lazy_buffers:
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if not isinstance(saved, Tensor):
+                continue
+            if saved.shape != current.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
+            if self.num_tasks is None and saved.numel() > 0:
+                self.num_tasks = int(saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _check_jacobian(jacobian: Tensor) -> None:
@@ -163,11 +226,21 @@ class LossWeightingMethod(GradientMethod):
     def loss_weights(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """The weights ``∂C/∂L_i`` at ``losses`` (shape (K,)), without touching method state."""
+        """The weights ``∂C/∂L_i`` at ``losses`` (shape (K,)), without changing the method's state.
+
+        It differentiates one probe call of ``combine_losses``, which only reads state (methods update
+        their state in ``observe_losses``, ``aggregate``, ``after_optimizer_step`` or ``on_epoch_end``);
+        ``last_weights``, which ``combine_losses`` sets, is restored. A random method draws from
+        ``generator`` (RLW without one: from its private generator, or the global RNG).
+        """
         probe = losses.detach().to(torch.float32).clone().requires_grad_(True)
-        with torch.enable_grad():
-            combined = self.combine_losses(probe, task_ids=task_ids, generator=generator)
-            (weights,) = torch.autograd.grad(combined, probe)
+        last_weights = self.last_weights
+        try:
+            with torch.enable_grad():
+                combined = self.combine_losses(probe, task_ids=task_ids, generator=generator)
+                (weights,) = torch.autograd.grad(combined, probe)
+        finally:
+            self.last_weights = last_weights
         return weights
 
     def aggregate(
@@ -184,14 +257,16 @@ class LossWeightingMethod(GradientMethod):
             losses = torch.ones(jacobian.shape[0], device=jacobian.device)
         weights = self.loss_weights(losses, task_ids=task_ids, generator=generator)
         self.last_weights = weights.detach()
-        return (weights.to(torch.float32) @ jacobian.to(torch.float32)).to(jacobian.dtype)
+        dtype = torch.promote_types(jacobian.dtype, torch.float32)
+        return (weights.to(device=jacobian.device, dtype=dtype) @ jacobian.to(dtype)).to(jacobian.dtype)
 
 
 class GramianMethod(GradientMethod):
     """A Jacobian method whose update is ``d = wᵀ J`` with weights computed from the K x K Gramian.
 
-    Subclasses implement ``weights_from_gramian(G)``; the Gramian ``G = J Jᵀ`` is formed in float32
-    (float16 / bfloat16 inputs included), so methods never see reduced-precision inner products.
+    Subclasses implement ``weights_from_gramian(G)``. The Gramian ``G = J Jᵀ`` and the update are
+    computed in ``torch.promote_types(J.dtype, float32)``: float32 for float16 / bfloat16 / float32
+    input, so methods never see reduced-precision inner products, and float64 for float64 input.
     """
 
     def weights_from_gramian(
@@ -214,9 +289,9 @@ class GramianMethod(GradientMethod):
         representation: Tensor | None = None,
     ) -> Tensor:
         self._check_jacobian(jacobian)
-        matrix = jacobian.to(torch.float32)
+        matrix = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
         gramian = matrix @ matrix.T
         weights = self.weights_from_gramian(gramian, losses=losses, task_ids=task_ids, generator=generator)
-        weights = weights.to(device=matrix.device, dtype=torch.float32)
+        weights = weights.to(device=matrix.device, dtype=matrix.dtype)
         self.last_weights = weights.detach()
         return (weights @ matrix).to(jacobian.dtype)

@@ -17,7 +17,8 @@ and the minimum-norm solution lies in the row space, ``b = Uᵀ C⁺ 1 = Jᵀ β
 
     d = wᵀ J,    w = β · (1ᵀ G β) / (βᵀ G β)
 
-``C⁺`` drops eigenvalues below ``max eig · K · eps(float32)`` (the Gramian is formed in float32).
+``C⁺`` drops eigenvalues below ``max eig · K · eps(float32)`` (the Gramian is formed in float32; the
+same tolerance serves a float64 Gramian, which may still hold float32 gradients).
 A zero row has no direction: its unit row is 0 (as ``nan_to_num`` makes it in the reference code)
 and it gets weight 0. When ``b`` vanishes (``||b||² ≤ 1e-12``, e.g. two opposite rows, where the
 reference would divide 0 by 0) the update is 0.

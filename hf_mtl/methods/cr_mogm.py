@@ -28,7 +28,6 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ._state import resolve_task_index
 from .base import GramianMethod
 from .registry import METHODS, get_method, register_method
 
@@ -72,8 +71,8 @@ class CRMOGM(GramianMethod):
         self.base = cast(GramianMethod, get_method(base, num_tasks=num_tasks, **(base_kwargs or {})))
         self.alpha = float(alpha)
         self.is_random = self.base.is_random
-        #: the averaged weights λ over all ``num_tasks`` tasks (NaN: not seen yet); ``None`` until the first call.
-        self.averaged: Tensor | None = None
+        #: the averaged weights λ over all ``num_tasks`` tasks (NaN: not seen yet); empty until the first call.
+        self.register_lazy_buffer("averaged", dtype=torch.float64)
 
     def transform_losses(self, losses: Tensor, *, task_ids: Tensor | None = None) -> Tensor:
         return self.base.transform_losses(losses, task_ids=task_ids)
@@ -98,19 +97,10 @@ class CRMOGM(GramianMethod):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         current = self.base.weights_from_gramian(gramian, losses=losses, task_ids=task_ids, generator=generator)
-        current = current.detach().to(device="cpu", dtype=torch.float64)
-        index = resolve_task_index(self, gramian.shape[0], task_ids, current.device)
-        if self.averaged is None:
-            self.averaged = torch.full((self.num_tasks,), float("nan"), dtype=torch.float64)
-        previous = self.averaged[index]
+        index = self.resolve_task_index(gramian.shape[0], task_ids, self.averaged.device)
+        state = self.lazy_buffer("averaged", (self.num_tasks,), float("nan"))
+        current = current.detach().to(device=state.device, dtype=torch.float64)
+        previous = state[index]
         averaged = torch.where(torch.isnan(previous), current, self.alpha * previous + (1.0 - self.alpha) * current)
-        self.averaged[index] = averaged
+        state[index] = averaged
         return averaged.to(device=gramian.device, dtype=gramian.dtype)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"num_tasks": self.num_tasks, "averaged": self.averaged}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_tasks = state["num_tasks"]
-        averaged = state["averaged"]
-        self.averaged = None if averaged is None else averaged.detach().to(device="cpu", dtype=torch.float64).clone()

@@ -21,20 +21,19 @@ tasks left out of some steps by a sampler decay as if they had been present (ide
 task is in every step, and irrelevant with the default σ = 0). Tasks absent from a step keep their
 ĝ and do not enter ``d``.
 
-State: ĝ (K x P, the size of the Jacobian, float32) and the step counts are buffers created at the
-first call; ``load_state_dict`` resizes them, so a fresh instance can load a checkpoint.
+State: ĝ (K x P, the size of the Jacobian, float32) and the step counts are lazy buffers (base
+``register_lazy_buffer``) sized at the first call; ``load_state_dict`` resizes them, so a fresh
+instance can load a checkpoint.
 ``last_weights`` holds α, the weights of the smoothed rows ĝ_i.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import GradientMethod, task_index
+from .base import GradientMethod
 from .registry import register_method
 
 
@@ -72,9 +71,9 @@ class DBMTL(GradientMethod):
         self.beta_sigma = float(beta_sigma)
         self.eps = float(eps)
         #: ĝ, shape (num_tasks, P); empty until the first call (or a loaded state).
-        self.register_buffer("grad_ema", torch.zeros(0))
+        self.register_lazy_buffer("grad_ema")
         #: t_i, the number of steps that held task i; empty until the first call.
-        self.register_buffer("steps", torch.zeros(0))
+        self.register_lazy_buffer("steps")
 
     def transform_losses(self, losses: Tensor, *, task_ids: Tensor | None = None) -> Tensor:
         """``log(L + eps)``: the losses must be ≥ 0 (a negative loss gives NaN, as in the reference)."""
@@ -91,19 +90,17 @@ class DBMTL(GradientMethod):
     ) -> Tensor:
         self._check_jacobian(jacobian)
         num_rows, num_columns = jacobian.shape
-        if self.num_tasks is None and task_ids is not None:
-            raise ValueError("`num_tasks` is required by `db_mtl` when `task_ids` select a subset of tasks")
-        num_tasks = self.num_tasks if self.num_tasks is not None else num_rows
-        self._ensure_state(num_tasks, num_columns, jacobian.device)
-        index = task_index(torch.empty(num_rows), task_ids, num_tasks).to(self.grad_ema.device)
+        index = self.resolve_task_index(num_rows, task_ids, self.grad_ema.device)
+        grad_ema = self.lazy_buffer("grad_ema", (self.num_tasks, num_columns), 0.0)
+        step_counts = self.lazy_buffer("steps", (self.num_tasks,), 0.0)
 
         with torch.no_grad():
-            rows = jacobian.detach().to(device=self.grad_ema.device, dtype=torch.float32)
-            steps = self.steps[index] + 1
+            rows = jacobian.detach().to(device=grad_ema.device, dtype=torch.float32)
+            steps = step_counts[index] + 1
             decay = (self.beta / steps.pow(self.beta_sigma)).unsqueeze(1)
-            smoothed = rows + decay * (self.grad_ema[index] - rows)
-            self.grad_ema[index] = smoothed
-            self.steps[index] = steps
+            smoothed = rows + decay * (grad_ema[index] - rows)
+            grad_ema[index] = smoothed
+            step_counts[index] = steps
 
             norms = smoothed.norm(dim=1)
             nonzero = norms > 0
@@ -111,22 +108,3 @@ class DBMTL(GradientMethod):
             update = alpha @ smoothed
         self.last_weights = alpha
         return update.to(device=jacobian.device, dtype=jacobian.dtype)
-
-    def _ensure_state(self, num_tasks: int, num_columns: int, device: torch.device) -> None:
-        expected = (num_tasks, num_columns)
-        if self.grad_ema.numel() == 0:
-            self.grad_ema = torch.zeros(expected, device=device)
-            self.steps = torch.zeros(num_tasks, device=device)
-        elif tuple(self.grad_ema.shape) != expected:
-            raise ValueError(
-                f"the saved DB-MTL state has shape {tuple(self.grad_ema.shape)} (tasks, columns), but `jacobian` "
-                f"needs {expected}: `num_tasks` or the shared parameters changed"
-            )
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("grad_ema", "steps"):
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if isinstance(saved, Tensor) and saved.shape != current.shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -24,20 +24,19 @@ Reference: LibMTL ``LibMTL/weighting/ExcessMTL.py`` (from the authors' ``yifei-h
   exactly the reference's "no update on the first call"); the present tasks' weights are updated and
   renormalised to the total they had.
 
-S has the shape of the Jacobian (K x P, float32, kept in ``get_extra_state``): one extra copy of the
-per-task gradients, as in the reference. TorchJD's ``ExcessMTLWeighting`` (a branch) starts from
-``q = 1/K`` and can warm up for several calls; hf_mtl keeps the reference's ``q = 1`` and one call.
+S has the shape of the Jacobian (K x P, float32, a lazy buffer sized at the first call): one extra
+copy of the per-task gradients, as in the reference. TorchJD's ``ExcessMTLWeighting`` (a branch)
+starts from ``q = 1/K`` and can warm up for several calls; hf_mtl keeps the reference's ``q = 1``
+and one call.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._state import resolve_task_index
 from .base import GradientMethod
 from .registry import register_method
 
@@ -60,12 +59,12 @@ class ExcessMTL(GradientMethod):
         ):
             raise ValueError(f"`robust_step_size` must be a finite float > 0, got {robust_step_size!r}")
         self.robust_step_size = float(robust_step_size)
-        #: S, the per-task sums of squared gradients, shape (num_tasks, P); ``None`` until the first call.
-        self.squared_sum: Tensor | None = None
-        #: E(0), each task's first excess-risk estimate (NaN: not seen yet).
-        self.initial_excess: Tensor | None = None
-        #: q, the task weights (sum K).
-        self.task_weights: Tensor | None = None
+        #: S, the per-task sums of squared gradients, shape (num_tasks, P); empty until the first call.
+        self.register_lazy_buffer("squared_sum")
+        #: E(0), each task's first excess-risk estimate (NaN: not seen yet); empty until the first call.
+        self.register_lazy_buffer("initial_excess")
+        #: q, the task weights (sum K); empty until the first call.
+        self.register_lazy_buffer("task_weights")
 
     def aggregate(
         self,
@@ -77,50 +76,27 @@ class ExcessMTL(GradientMethod):
         representation: Tensor | None = None,
     ) -> Tensor:
         self._check_jacobian(jacobian)
-        matrix = jacobian.detach().to(torch.float32)
-        num_rows, num_params = matrix.shape
-        device = matrix.device
-        index = resolve_task_index(self, num_rows, task_ids, device)
-        if self.squared_sum is None:
-            self.squared_sum = torch.zeros(self.num_tasks, num_params, device=device)
-            self.initial_excess = torch.full((self.num_tasks,), float("nan"), device=device)
-            self.task_weights = torch.ones(self.num_tasks, device=device)
-        if self.squared_sum.shape[1] != num_params:
-            raise ValueError(
-                f"`jacobian` must have {self.squared_sum.shape[1]} columns (the shared parameters ExcessMTL "
-                f"tracks), got {num_params}"
-            )
-        self.squared_sum = self.squared_sum.to(device)
-        self.initial_excess = self.initial_excess.to(device)
-        self.task_weights = self.task_weights.to(device)
+        num_rows, num_params = jacobian.shape
+        device = self.squared_sum.device
+        index = self.resolve_task_index(num_rows, task_ids, device)
+        squared_sum = self.lazy_buffer("squared_sum", (self.num_tasks, num_params), 0.0)
+        initial_excess = self.lazy_buffer("initial_excess", (self.num_tasks,), float("nan"))
+        task_weights = self.lazy_buffer("task_weights", (self.num_tasks,), 1.0)
+        matrix = jacobian.detach().to(device=device, dtype=torch.float32)
 
         squared = matrix * matrix
-        self.squared_sum.index_add_(0, index, squared)
-        excess = (squared / torch.sqrt(self.squared_sum[index] + 1e-7)).sum(dim=1)
-        initial = self.initial_excess[index]
+        squared_sum.index_add_(0, index, squared)
+        excess = (squared / torch.sqrt(squared_sum[index] + 1e-7)).sum(dim=1)
+        initial = initial_excess[index]
         first_seen = torch.isnan(initial)
         initial = torch.where(first_seen, excess, initial)
-        self.initial_excess[index] = initial
+        initial_excess[index] = initial
         usable = ~first_seen & (initial > 0)
         ratio = torch.where(usable, excess / torch.where(usable, initial, torch.ones_like(initial)), 0.0)
 
-        current = self.task_weights[index]
+        current = task_weights[index]
         logits = current.clamp_min(torch.finfo(torch.float32).tiny).log() + self.robust_step_size * ratio
         weights = torch.softmax(logits, dim=0) * current.sum()
-        self.task_weights[index] = weights
+        task_weights[index] = weights
         self.last_weights = weights.clone()
-        return (weights @ matrix).to(jacobian.dtype)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "num_tasks": self.num_tasks,
-            "squared_sum": self.squared_sum,
-            "initial_excess": self.initial_excess,
-            "task_weights": self.task_weights,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_tasks = state["num_tasks"]
-        for field in ("squared_sum", "initial_excess", "task_weights"):
-            value = state[field]
-            setattr(self, field, None if value is None else value.detach().clone())
+        return (weights @ matrix).to(device=jacobian.device, dtype=jacobian.dtype)

@@ -85,7 +85,7 @@ class GradDrop(GradientMethod):
     ) -> Tensor:
         self._check_jacobian(jacobian)
         num_rows, num_columns = jacobian.shape
-        rows = jacobian.to(torch.float32)
+        rows = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
         if representation is None:
             signed = rows
         else:
@@ -96,7 +96,7 @@ class GradDrop(GradientMethod):
                 )
             shape = (num_rows, *representation.shape) if representation.dim() >= 2 else (num_rows, num_columns)
             rows = rows.reshape(shape)
-            signed = rows * torch.sign(representation.detach()).to(device=rows.device, dtype=torch.float32)
+            signed = rows * torch.sign(representation.detach()).to(device=rows.device, dtype=rows.dtype)
             if representation.dim() >= 2:
                 signed = signed.sum(dim=1)  # over the batch: one unit per feature coordinate
 
@@ -113,7 +113,7 @@ class GradDrop(GradientMethod):
 
         leak = self._leak_of_rows(num_rows, task_ids).to(rows.device)
         leak = leak.reshape(num_rows, *([1] * (rows.dim() - 1)))
-        update = ((leak + (1.0 - leak) * keep.to(torch.float32)) * rows).sum(dim=0)
+        update = ((leak + (1.0 - leak) * keep.to(rows.dtype)) * rows).sum(dim=0)
         self.last_weights = None
         return update.reshape(num_columns).to(jacobian.dtype)
 

@@ -95,7 +95,7 @@ class GradNorm(GradientMethod):
         num_rows = jacobian.shape[0]
         probe = torch.empty(num_rows, device=self.logits.device)
         index = task_index(probe, task_ids, self.num_tasks)
-        matrix = jacobian.to(torch.float32)
+        matrix = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
         observed = None
         if losses is not None:
             observed = losses.detach().reshape(-1).to(device=self.logits.device, dtype=torch.float32)
@@ -122,7 +122,7 @@ class GradNorm(GradientMethod):
                     self.logits.grad += grad
         weights = weights.detach()
         self.last_weights = weights
-        return (weights.to(matrix.device) @ matrix).to(jacobian.dtype)
+        return (weights.to(device=matrix.device, dtype=matrix.dtype) @ matrix).to(jacobian.dtype)
 
     @torch.no_grad()
     def _relative_rates(self, observed: Tensor | None, index: Tensor) -> Tensor:

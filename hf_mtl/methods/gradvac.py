@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import GradientMethod, task_index
+from .base import GradientMethod
 from .registry import register_method
 
 _GROUP_TYPES = ("whole", "layer", "matrix")
@@ -88,7 +88,7 @@ class GradVac(GradientMethod):
         self._runs: list[tuple[int, int, int]] | None = None
         self._num_groups = 1
         #: φ̂, shape (num_tasks, num_tasks, num_groups); empty until the first call (or a loaded state).
-        self.register_buffer("phi_hat", torch.zeros(0))
+        self.register_lazy_buffer("phi_hat")
 
     def bind_parameter_layout(self, blocks: list[tuple[str, int]]) -> None:
         """Groups the ``(name, numel)`` column blocks by ``group_type``."""
@@ -131,13 +131,10 @@ class GradVac(GradientMethod):
         covered = runs[-1][1] if runs else 0
         if covered != num_columns:
             raise ValueError(f"`jacobian` has {num_columns} columns but the bound parameter layout has {covered}")
-        if self.num_tasks is None and task_ids is not None:
-            raise ValueError("`num_tasks` is required by `gradvac` when `task_ids` select a subset of tasks")
-        num_tasks = self.num_tasks if self.num_tasks is not None else num_rows
-        index = task_index(torch.empty(num_rows), task_ids, num_tasks)
-        phi_hat = self._phi_hat_state(num_tasks)
+        index = self.resolve_task_index(num_rows, task_ids, torch.device("cpu"))
+        phi_hat = self.lazy_buffer("phi_hat", (self.num_tasks, self.num_tasks, self._num_groups), 0.0)
 
-        matrix = jacobian.to(torch.float32)
+        matrix = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
         gram = torch.zeros(self._num_groups, num_rows, num_rows, dtype=torch.float64)
         for start, end, group in runs:
             block = matrix[:, start:end]
@@ -149,12 +146,12 @@ class GradVac(GradientMethod):
             rows, cols = torch.meshgrid(index.cpu(), index.cpu(), indexing="ij")
             phi_hat[rows, cols] = targets.permute(1, 2, 0).to(phi_hat.dtype).to(phi_hat.device)
 
-        group_weights = coefficients.sum(dim=1).to(torch.float32)  # (groups, K)
+        group_weights = coefficients.sum(dim=1).to(matrix.dtype)  # (groups, K)
         column_weights = torch.zeros(num_rows, dtype=torch.float32)
-        update = torch.empty(num_columns, dtype=torch.float32, device=matrix.device)
+        update = torch.empty(num_columns, dtype=matrix.dtype, device=matrix.device)
         for start, end, group in runs:
             weights = group_weights[group]
-            column_weights += weights * (end - start)
+            column_weights += weights.float() * (end - start)
             update[start:end] = weights.to(matrix.device) @ matrix[:, start:end]
         self.last_weights = column_weights / max(num_columns, 1)
         return update.to(jacobian.dtype)
@@ -188,23 +185,6 @@ class GradVac(GradientMethod):
                 coefficients[:, i, j] += torch.where(correct, step, 0.0)
                 targets[:, i, j] = torch.where(defined, (1.0 - self.beta) * target + self.beta * phi, target)
         return coefficients
-
-    def _phi_hat_state(self, num_tasks: int) -> Tensor:
-        expected = (num_tasks, num_tasks, self._num_groups)
-        if self.phi_hat.numel() == 0:
-            self.phi_hat = torch.zeros(expected, device=self.phi_hat.device)
-        elif tuple(self.phi_hat.shape) != expected:
-            raise ValueError(
-                f"the saved GradVac state has shape {tuple(self.phi_hat.shape)} (tasks, tasks, groups), "
-                f"but this run has {expected}: `num_tasks` or `group_type` / the parameter layout changed"
-            )
-        return self.phi_hat
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        saved = state_dict.get(prefix + "phi_hat")
-        if isinstance(saved, Tensor) and saved.shape != self.phi_hat.shape:
-            self.phi_hat = torch.zeros(saved.shape, dtype=self.phi_hat.dtype, device=self.phi_hat.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"generator_state": None if self._generator is None else self._generator.get_state()}

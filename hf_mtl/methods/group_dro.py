@@ -4,8 +4,8 @@ https://arxiv.org/abs/1911.08731), the robust-MTL baseline of ExcessMTL (He et a
 The task weights q follow an exponentiated-gradient ascent on the losses, so the task that is
 currently worst gets more weight::
 
-    q_i ← q_i · exp(η L_i),    q ← K · q / Σ_j q_j      (before the step; q = 1 at the start)
-    L   = Σ_i q_i L_i                                     ∂L/∂L_i = q_i
+    L   = Σ_i q_i L_i                                     ∂L/∂L_i = q_i       (q = 1 at the start)
+    q_i ← q_i · exp(η L_i),    q ← K · q / Σ_j q_j      (once per optimizer step, in ``observe_losses``)
 
 Reference: ``yifei-he/ExcessMTL`` ``LibMTL/LibMTL/weighting/GroupDRO.py`` (default
 ``robust_step_size`` 1e-2 from that repository's ``config.py``). The update is computed in log space
@@ -13,6 +13,15 @@ Reference: ``yifei-he/ExcessMTL`` ``LibMTL/LibMTL/weighting/GroupDRO.py`` (defau
 
 Tasks left out of a step by a sampler keep their weight: only the present tasks' weights are
 updated, renormalised to the total they had. A non-finite loss adds no increment to its task's log-weight.
+
+Deviation from the reference, for data-parallel runs: the reference updates q from each batch's
+losses just before combining them. Here q is updated in ``observe_losses``, which the engine calls
+once per optimizer step, after the step's ``combine_losses`` calls, with the step's mean losses over
+every rank and micro-batch (identical on all ranks); so the q that weighs a step comes from the
+losses of the steps before it (a lag of one step: step t uses the reference's q of step t - 1).
+``combine_losses`` only reads q, so it may be called any number of times per step (gradient
+accumulation, SAM's ascent, the ``aggregate`` probe). Outside the engine, call ``observe_losses``
+once per step yourself.
 """
 
 from __future__ import annotations
@@ -53,14 +62,17 @@ class GroupDRO(LossWeightingMethod):
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         index = task_index(losses, task_ids, self.num_tasks).to(self.weights.device)
-        observed = losses.detach().to(device=self.weights.device, dtype=torch.float32)
-        with torch.no_grad():
-            current = self.weights[index]
-            mass = current.sum()
-            increment = torch.where(torch.isfinite(observed), observed, torch.zeros_like(observed))
-            logits = current.clamp_min(torch.finfo(torch.float32).tiny).log() + self.robust_step_size * increment
-            updated = torch.softmax(logits, dim=0) * mass
-            self.weights[index] = updated
-        weights = updated.to(losses.device)
+        weights = self.weights[index].to(losses.device)
         self.last_weights = weights.clone()
         return (weights * losses.to(torch.float32)).sum()
+
+    @torch.no_grad()
+    def observe_losses(self, losses: Tensor, *, task_ids: Tensor | None = None) -> None:
+        """The exponentiated-gradient step ``q_i ← q_i e^{η L_i}`` (renormalised) with the step's mean losses."""
+        index = task_index(losses, task_ids, self.num_tasks).to(self.weights.device)
+        observed = losses.detach().to(device=self.weights.device, dtype=torch.float32)
+        current = self.weights[index]
+        mass = current.sum()
+        increment = torch.where(torch.isfinite(observed), observed, torch.zeros_like(observed))
+        logits = current.clamp_min(torch.finfo(torch.float32).tiny).log() + self.robust_step_size * increment
+        self.weights[index] = torch.softmax(logits, dim=0) * mass

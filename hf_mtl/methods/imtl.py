@@ -90,7 +90,8 @@ class IMTL(GramianMethod):
             return torch.zeros(num_tasks, dtype=gramian.dtype, device=gramian.device)
         inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
         cosines = inverse_norms[:, None] * gram * inverse_norms[None, :]
-        # the Gramian was formed in float32: eigenvalues below float32's resolution are noise
+        # the Gramian is formed in float32 (float64 for float64 input, which may still hold float32
+        # gradients): eigenvalues below float32's resolution are noise
         rtol = num_tasks * torch.finfo(torch.float32).eps
         balanced = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ nonzero.to(torch.float64)
         v = inverse_norms * balanced

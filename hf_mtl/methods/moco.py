@@ -16,10 +16,11 @@ with LibMTL's defaults β = 0.5, σ_β = 0.5, γ = 0.1, σ_γ = 0.5, ρ = 0. The
 (``heshandevaka/Trade-Off-MOL``) differs: no ``L_i / ||g_i||`` rescaling by default and a Euclidean
 projection onto the simplex instead of the softmax; hf_mtl follows LibMTL.
 
-Without ``losses``, ``L_i = 1`` (unit-norm gradients). Y has the shape of the Jacobian (K x P, float32,
-kept in ``get_extra_state``): the method holds one extra copy of the per-task gradients. Tasks left
-out of a step by a sampler: their rows of Y are not updated, and λ over the present tasks is
-renormalised to the simplex, updated and written back with its previous total; t counts all calls.
+Without ``losses``, ``L_i = 1`` (unit-norm gradients). Y has the shape of the Jacobian (K x P,
+float32, a lazy buffer sized at the first call): the method holds one extra copy of the per-task
+gradients. Tasks left out of a step by a sampler: their rows of Y are not updated, and λ over the
+present tasks is renormalised to the simplex, updated and written back with its previous total; t
+counts all calls.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import torch
 from torch import Tensor
 
 from ._simplex import simplex_subset, store_simplex_subset
-from ._state import resolve_task_index
 from .base import GradientMethod
 from .registry import register_method
 
@@ -74,10 +74,10 @@ class MoCo(GradientMethod):
         self.gamma = float(gamma)
         self.gamma_sigma = float(gamma_sigma)
         self.rho = float(rho)
-        #: Y, the tracked (rescaled) task gradients, shape (num_tasks, P); ``None`` until the first call.
-        self.tracked: Tensor | None = None
-        #: λ over all ``num_tasks`` tasks; ``None`` until the first call.
-        self.task_weights: Tensor | None = None
+        #: Y, the tracked (rescaled) task gradients, shape (num_tasks, P); empty until the first call.
+        self.register_lazy_buffer("tracked")
+        #: λ over all ``num_tasks`` tasks; empty until the first call.
+        self.register_lazy_buffer("task_weights")
         self.steps = 0
 
     def aggregate(
@@ -90,45 +90,29 @@ class MoCo(GradientMethod):
         representation: Tensor | None = None,
     ) -> Tensor:
         self._check_jacobian(jacobian)
-        matrix = jacobian.detach().to(torch.float32)
-        num_rows, num_params = matrix.shape
-        device = matrix.device
-        index = resolve_task_index(self, num_rows, task_ids, device)
-        if self.tracked is None:
-            self.tracked = torch.zeros(self.num_tasks, num_params, device=device)
-            self.task_weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, device=device)
-        if self.tracked.shape[1] != num_params:
-            raise ValueError(
-                f"`jacobian` must have {self.tracked.shape[1]} columns (the shared parameters MoCo tracks), "
-                f"got {num_params}"
-            )
-        self.tracked = self.tracked.to(device)
-        self.task_weights = self.task_weights.to(device)
+        num_rows, num_params = jacobian.shape
+        device = self.tracked.device
+        index = self.resolve_task_index(num_rows, task_ids, device)
+        tracked_state = self.lazy_buffer("tracked", (self.num_tasks, num_params), 0.0)
+        weights_state = self.lazy_buffer("task_weights", (self.num_tasks,), 1.0 / self.num_tasks)
+        matrix = jacobian.detach().to(device=device, dtype=torch.float32)
         scales = torch.ones(num_rows, device=device) if losses is None else losses.detach().to(device, torch.float32)
         rescaled = matrix / (matrix.norm(dim=1, keepdim=True) + 1e-8) * scales.reshape(-1, 1)
 
         self.steps += 1
         beta = self.beta / self.steps**self.beta_sigma
         gamma = self.gamma / self.steps**self.gamma_sigma
-        tracked = self.tracked[index] - beta * (self.tracked[index] - rescaled)
-        self.tracked[index] = tracked
-        weights, mass = simplex_subset(self.task_weights, index)
+        tracked = tracked_state[index] - beta * (tracked_state[index] - rescaled)
+        tracked_state[index] = tracked
+        weights, mass = simplex_subset(weights_state, index)
         regularised = tracked @ tracked.T + self.rho * torch.eye(num_rows, device=device)
         weights = torch.softmax(weights - gamma * (regularised @ weights), dim=0)
-        store_simplex_subset(self.task_weights, index, weights, mass)
+        store_simplex_subset(weights_state, index, weights, mass)
         self.last_weights = weights.clone()
-        return (weights @ tracked).to(jacobian.dtype)
+        return (weights @ tracked).to(device=jacobian.device, dtype=jacobian.dtype)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "num_tasks": self.num_tasks,
-            "steps": self.steps,
-            "tracked": self.tracked,
-            "task_weights": self.task_weights,
-        }
+        return {"steps": self.steps}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_tasks = state["num_tasks"]
         self.steps = int(state["steps"])
-        self.tracked = None if state["tracked"] is None else state["tracked"].detach().clone()
-        self.task_weights = None if state["task_weights"] is None else state["task_weights"].detach().clone()

@@ -29,13 +29,11 @@ with ``||g||²`` (as in the reference).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._simplex import project_onto_simplex, simplex_subset, store_simplex_subset
-from ._state import resolve_task_index
 from .base import GramianMethod
 from .registry import register_method
 
@@ -61,8 +59,8 @@ class MoDo(GramianMethod):
             raise ValueError(f"`rho` must be a finite float >= 0, got {rho!r}")
         self.gamma = float(gamma)
         self.rho = float(rho)
-        #: λ over all ``num_tasks`` tasks (float64, CPU); ``None`` until the first call.
-        self.task_weights: Tensor | None = None
+        #: λ over all ``num_tasks`` tasks (float64); empty until the first call.
+        self.register_lazy_buffer("task_weights", dtype=torch.float64)
 
     def weights_from_gramian(
         self,
@@ -73,18 +71,11 @@ class MoDo(GramianMethod):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         gram = gramian.detach().to(device="cpu", dtype=torch.float64)
-        index = resolve_task_index(self, gram.shape[0], task_ids, gram.device)
-        if self.task_weights is None:
-            self.task_weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
-        weights, mass = simplex_subset(self.task_weights, index)
+        index = self.resolve_task_index(gram.shape[0], task_ids, gram.device)
+        state = self.lazy_buffer("task_weights", (self.num_tasks,), 1.0 / self.num_tasks)
+        task_weights = state.cpu()  # the K-sized solve runs on the CPU
+        weights, mass = simplex_subset(task_weights, index)
         weights = project_onto_simplex(weights - self.gamma * (gram @ weights + self.rho * weights))
-        store_simplex_subset(self.task_weights, index, weights, mass)
+        store_simplex_subset(task_weights, index, weights, mass)
+        state.copy_(task_weights)
         return weights.to(device=gramian.device, dtype=gramian.dtype)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"num_tasks": self.num_tasks, "task_weights": self.task_weights}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_tasks = state["num_tasks"]
-        weights = state["task_weights"]
-        self.task_weights = None if weights is None else weights.detach().to(device="cpu", dtype=torch.float64).clone()

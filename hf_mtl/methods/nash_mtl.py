@@ -18,7 +18,7 @@ Solver (hf_mtl's, not the reference's): damped Newton on ``f`` over the K x K sy
 ``power_balance_weights`` with p = 1): Jacobi-scaled Cholesky steps kept inside ``α > 0``, Armijo
 backtracking, full steps once the Newton decrement is below 1e-6, stopping when
 ``max_i |α_i (G α)_i - 1| < tol`` (1e-10; typically 3-5 steps, 2-3 with the warm start). It starts
-from the better of the previous step's ``α`` (kept in ``state_dict``, so resumed runs repeat) and the
+from the better of the previous step's ``α`` (the buffer ``alpha``, so resumed runs repeat) and the
 diagonal solution ``α_i = 1/||g_i||``, each optimally rescaled.
 
 Singular ``G``: when a non-negative combination of the rows vanishes (opposite rows, a zero row,
@@ -102,8 +102,9 @@ class NashMTL(GramianMethod):
         self.reg_eps = reg_eps
         self.max_iter = max_iter
         self.tol = tol
-        #: ``α`` of the last solve (float64, one entry per task; NaN for tasks never solved for).
-        self._alpha: Tensor | None = None
+        #: ``α`` of the last solve (float64, one entry per task; NaN for tasks never solved for); empty
+        #: until the first call.
+        self.register_lazy_buffer("alpha", dtype=torch.float64)
         #: Calls to `aggregate` so far (drives ``update_weights_every``).
         self._step = 0
         #: Newton steps and final residual of the last solve, for diagnostics.
@@ -131,9 +132,10 @@ class NashMTL(GramianMethod):
         num_rows = gramian.shape[0]
         slots = self._slots(num_rows, task_ids)
         size = self.num_tasks if self.num_tasks is not None else num_rows
-        if self._alpha is None or self._alpha.numel() != size:
-            self._alpha = torch.full((size,), float("nan"), dtype=torch.float64)
-        previous = self._alpha[slots].numpy()
+        if self.alpha.numel() not in (0, size):  # without `num_tasks`, another number of rows starts afresh
+            self.alpha = self.alpha.new_zeros(0)
+        state = self.lazy_buffer("alpha", (size,), float("nan"))
+        previous = state.cpu()[slots].numpy()
         reuse = self._step % self.update_weights_every != 0 and bool(np.all(np.isfinite(previous)))
         self._step += 1
         if reuse:
@@ -143,13 +145,11 @@ class NashMTL(GramianMethod):
             gramian_to_numpy(gramian), 1.0, self.reg_eps, start=start, tol=self.tol, max_iter=self.max_iter
         )
         if np.isfinite(self.last_residual):  # a non-finite Gramian is not solved: keep the last α
-            self._alpha[slots] = torch.from_numpy(alpha)
+            state[slots.to(state.device)] = torch.from_numpy(alpha).to(state.device)
         return weights_to_tensor(alpha, gramian)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"alpha": None if self._alpha is None else self._alpha.clone(), "step": self._step}
+        return {"step": self._step}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        alpha = state.get("alpha")
-        self._alpha = None if alpha is None else alpha.detach().to(device="cpu", dtype=torch.float64).clone()
-        self._step = int(state.get("step", 0))
+        self._step = int(state["step"])

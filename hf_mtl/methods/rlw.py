@@ -6,6 +6,13 @@ A fresh draw at every call, over the K losses of the step::
     ε ~ N(0, I_K),      λ = softmax(ε),      L = Σ_i λ_i L_i
 
 The weights lie on the simplex (LibMTL's ``RLW`` with ``dist='Normal'``; nash-mtl's ``rlw``).
+
+Randomness and state: ``combine_losses`` runs per micro-step and only reads state, so the draw comes
+from the ``generator`` it is given. The engine always passes one, built from the run's seed, the
+step and the micro-step (the same on every rank, and restored for SAM's ascent so that ascent and
+descent share the draw), so the method's own state never moves during training. The private
+generator (``seed``) serves calls outside the engine that pass none: each ``combine_losses``,
+``loss_weights`` or ``aggregate`` call is then one draw from it.
 """
 
 from __future__ import annotations

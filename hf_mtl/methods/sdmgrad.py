@@ -39,13 +39,11 @@ differ by about 1e-5). This is the reference's behaviour.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._simplex import project_onto_simplex, simplex_subset, store_simplex_subset
-from ._state import resolve_task_index
 from .base import GramianMethod
 from .registry import register_method
 
@@ -89,8 +87,8 @@ class SDMGrad(GramianMethod):
         self.n_iter = n_iter
         self.lr = float(lr)
         self.momentum = float(momentum)
-        #: w over all ``num_tasks`` tasks (float64, CPU); ``None`` until the first call.
-        self.task_weights: Tensor | None = None
+        #: w over all ``num_tasks`` tasks (float64); empty until the first call.
+        self.register_lazy_buffer("task_weights", dtype=torch.float64)
 
     def weights_from_gramian(
         self,
@@ -102,26 +100,19 @@ class SDMGrad(GramianMethod):
     ) -> Tensor:
         matrix = gramian.detach().to(device="cpu", dtype=torch.float64)
         num_rows = matrix.shape[0]
-        index = resolve_task_index(self, num_rows, task_ids, matrix.device)
-        if self.task_weights is None:
-            self.task_weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+        index = self.resolve_task_index(num_rows, task_ids, matrix.device)
+        state = self.lazy_buffer("task_weights", (self.num_tasks,), 1.0 / self.num_tasks)
+        task_weights = state.cpu()  # the K-sized solve runs on the CPU
         scale = matrix.diagonal().clamp_min(0.0).sqrt().mean()
         if scale > 0:  # all rows zero: A = 0 and w stays
             matrix = matrix / scale**2
         preference = torch.full((num_rows,), 1.0 / num_rows, dtype=torch.float64)
-        weights, mass = simplex_subset(self.task_weights, index)
+        weights, mass = simplex_subset(task_weights, index)
         velocity = torch.zeros_like(weights)
         for _ in range(self.n_iter):
             velocity = self.momentum * velocity + matrix @ (weights + self.lamda * preference)
             weights = project_onto_simplex(weights - self.lr * velocity)
-        store_simplex_subset(self.task_weights, index, weights, mass)
+        store_simplex_subset(task_weights, index, weights, mass)
+        state.copy_(task_weights)
         combined = num_rows * (weights + self.lamda * preference) / (1.0 + self.lamda)
         return combined.to(device=gramian.device, dtype=gramian.dtype)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"num_tasks": self.num_tasks, "task_weights": self.task_weights}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_tasks = state["num_tasks"]
-        weights = state["task_weights"]
-        self.task_weights = None if weights is None else weights.detach().to(device="cpu", dtype=torch.float64).clone()

@@ -12,8 +12,8 @@ with one weight per task (each coordinate keeps different rows), so ``last_weigh
 Reference: TorchJD ``src/torchjd/aggregation/_trimmed_mean.py`` (``TrimmedMean``). Deviation:
 TorchJD has no default and raises when ``K < 2t + 1``; a sampler can change the number K of rows
 from step to step, so here ``trim_number`` defaults to 1 and, with fewer than ``2t + 1`` rows, ``t``
-is lowered to ``(K - 1) // 2`` for that call (K ≤ 2: the plain mean). The sort runs in float32 for
-reduced-precision input.
+is lowered to ``(K - 1) // 2`` for that call (K ≤ 2: the plain mean). The sort and the mean run in
+float32 for reduced-precision input (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -54,6 +54,6 @@ class TrimmedMean(GradientMethod):
         if num_rows == 0:
             raise ValueError("`jacobian` must have at least one row, got 0")
         trim = min(self.trim_number, (num_rows - 1) // 2)
-        ordered, _ = torch.sort(jacobian.to(torch.float32), dim=0)
+        ordered, _ = torch.sort(jacobian.to(torch.promote_types(jacobian.dtype, torch.float32)), dim=0)
         self.last_weights = None
         return ordered[trim : num_rows - trim].mean(dim=0).to(jacobian.dtype)

@@ -178,6 +178,16 @@ class MultiTaskModel(PreTrainedModel):
             model.encoders[key] = encoder
         return model
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_original_format: bool = False, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, writing the parameter names as the modules name them.
+
+        transformers renames the weights of some encoders (ViT, ...) back to their legacy checkpoint names
+        on save (``save_original_format=True``) and forward again in ``from_pretrained``; the Trainer's
+        ``resume_from_checkpoint`` loads the state dict as saved, without that renaming. hf_mtl checkpoints
+        are a format of their own, so they keep the current names and both paths read them.
+        """
+        super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear) and not any(module is m for enc in self.encoders.values() for m in enc.modules()):
             nn.init.normal_(module.weight, std=0.02)

@@ -8,10 +8,12 @@ state must survive a ``state_dict`` round trip.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from hf_mtl.methods import get_method, list_methods
+from hf_mtl.methods import LossWeightingMethod, get_method, list_methods
 
 P = 7
 
@@ -73,15 +75,85 @@ def test_reproducible_from_seed(name: str) -> None:
     assert torch.equal(first, second)
 
 
+def _engine_step(method, jacobian: torch.Tensor, seed: int) -> torch.Tensor:
+    """One optimizer step in the engine's order: ``observe_losses`` with the step's mean losses, then
+    ``aggregate`` on the Jacobian."""
+    losses = torch.linspace(1.0, 2.0, jacobian.shape[0]) * (1 + seed)
+    method.observe_losses(losses)
+    return method.aggregate(jacobian, losses=losses, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("name", list_methods())
 def test_state_dict_round_trip(name: str) -> None:
     jacobian = _hard_inputs()["random"]
     method = _build(name, 3)
     for seed in range(3):  # let stateful methods accumulate some state
-        _aggregate(method, jacobian * (seed + 1), seed=seed)
+        _engine_step(method, jacobian * (seed + 1), seed=seed)
     restored = _build(name, 3)
     restored.load_state_dict(method.state_dict())
-    assert torch.equal(_aggregate(method, jacobian, seed=9), _aggregate(restored, jacobian, seed=9))
+    assert torch.equal(_engine_step(method, jacobian, seed=9), _engine_step(restored, jacobian, seed=9))
+
+
+def _same(first, second) -> bool:
+    """Deep equality of two state dicts (tensors bitwise, NaN equal to NaN)."""
+    if isinstance(first, torch.Tensor):
+        return (
+            isinstance(second, torch.Tensor)
+            and first.shape == second.shape
+            and first.dtype == second.dtype
+            and torch.equal(torch.nan_to_num(first, nan=0.0), torch.nan_to_num(second, nan=0.0))
+            and torch.equal(torch.isnan(first), torch.isnan(second))
+        ) if first.is_floating_point() else isinstance(second, torch.Tensor) and torch.equal(first, second)
+    if isinstance(first, dict):
+        return isinstance(second, dict) and first.keys() == second.keys() and all(_same(first[k], second[k]) for k in first)
+    if isinstance(first, (list, tuple)):
+        return len(first) == len(second) and all(_same(a, b) for a, b in zip(first, second))
+    return first == second
+
+
+def _build_seeded(name: str, num_tasks: int):
+    """The method with a private generator where it has one (its state must not advance either)."""
+    try:
+        return get_method(name, num_tasks=num_tasks, seed=0)
+    except ValueError:
+        return get_method(name, num_tasks=num_tasks)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_per_micro_step_hooks_only_read_state(name: str) -> None:
+    """``transform_losses`` and ``combine_losses`` run per micro-step on each rank's own losses (and
+    ``combine_losses`` again as the ``aggregate`` probe and for SAM), and a representation method's
+    ``aggregate`` runs per micro-step too: none of them may change the method's state."""
+    jacobian = _hard_inputs()["random"]
+    method = _build_seeded(name, 3)
+    for seed in range(2):  # some state first
+        _engine_step(method, jacobian * (seed + 1), seed=seed)
+    before = copy.deepcopy(method.state_dict())
+    losses = torch.tensor([0.7, 1.9, 1.3])
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        method.transform_losses(losses.clone().requires_grad_(True))
+        if isinstance(method, LossWeightingMethod):
+            last_weights = method.last_weights
+            method.loss_weights(losses, generator=generator)
+            assert method.last_weights is last_weights  # the probe restores it
+            method.combine_losses(losses.clone().requires_grad_(True), generator=generator)
+        if method.requires_representation:
+            method.aggregate(jacobian, losses=losses, generator=generator)
+    assert _same(method.state_dict(), before), f"{name} changed its state in a per-micro-step hook"
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_float64_input_stays_float64(name: str) -> None:
+    """The Gramian and the update of a float64 Jacobian are computed in float64 (not through float32)."""
+    g = torch.Generator().manual_seed(1)
+    jacobian = torch.randn(3, P, generator=g, dtype=torch.float64)
+    update = _aggregate(_build(name, 3), jacobian)
+    assert update.dtype == torch.float64
+    # a perturbation far below float32's resolution must reach the update of linear methods
+    nudged = _aggregate(_build(name, 3), jacobian + 1e-12 * torch.ones_like(jacobian))
+    if name in {"ew", "ls", "trimmed_mean"}:
+        assert not torch.equal(update, nudged)
 
 
 def test_unknown_method_lists_valid_names() -> None:

@@ -81,5 +81,5 @@ def test_errors_name_the_argument() -> None:
         get_method("excess_mtl", robust_step_size=0.0)
     method = get_method("excess_mtl")
     method.aggregate(torch.eye(2))
-    with pytest.raises(ValueError, match="`jacobian` must have 2 columns"):
+    with pytest.raises(ValueError, match=r"`jacobian` does not fit .* has shape \(2, 2\), this call needs \(2, 3\)"):
         method.aggregate(torch.ones(2, 3))

@@ -123,7 +123,7 @@ def test_warm_start_is_saved_and_restored() -> None:
     torch.testing.assert_close(warm, _alpha(nearby), rtol=1e-9, atol=0)
     state = method.state_dict()
     assert state["_extra_state"]["step"] == 2
-    torch.testing.assert_close(state["_extra_state"]["alpha"], warm)
+    torch.testing.assert_close(state["alpha"], warm)
     restored = get_method("nash_mtl", num_tasks=3)
     restored.load_state_dict(state)
     assert torch.equal(restored.weights_from_gramian(first @ first.T), method.weights_from_gramian(first @ first.T))
@@ -154,7 +154,7 @@ def test_subsets_of_tasks_keep_their_own_alpha() -> None:
     method = get_method("nash_mtl", num_tasks=4, update_weights_every=2)
     subset = torch.tensor([3, 1])
     first = method.weights_from_gramian(full[subset] @ full[subset].T, task_ids=subset)
-    stored = method.state_dict()["_extra_state"]["alpha"]
+    stored = method.state_dict()["alpha"]
     torch.testing.assert_close(stored[subset], first)
     assert torch.isnan(stored[[0, 2]]).all()
     # the next step would reuse α, but tasks 0 and 2 were never solved for: it solves instead
@@ -162,6 +162,21 @@ def test_subsets_of_tasks_keep_their_own_alpha() -> None:
     torch.testing.assert_close(second, _alpha(full), rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="`num_tasks` is required"):
         get_method("nash_mtl").weights_from_gramian(full[subset] @ full[subset].T, task_ids=subset)
+
+
+def test_without_num_tasks_another_number_of_rows_starts_afresh() -> None:
+    generator = torch.Generator().manual_seed(9)
+    method = get_method("nash_mtl", update_weights_every=2)
+    three = torch.randn(3, 12, generator=generator, dtype=torch.float64)
+    two = torch.randn(2, 12, generator=generator, dtype=torch.float64)
+    method.weights_from_gramian(three @ three.T)
+    # a reuse step, but with another K: the stored α does not apply, so it is solved and replaced
+    torch.testing.assert_close(method.weights_from_gramian(two @ two.T), _alpha(two), rtol=1e-9, atol=0)
+    assert method.alpha.shape == (2,)
+    # a fresh instance takes K from a loaded state
+    restored = get_method("nash_mtl", update_weights_every=2)
+    restored.load_state_dict(method.state_dict())
+    assert restored.num_tasks == 2 and torch.equal(restored.alpha, method.alpha)
 
 
 def test_invalid_arguments() -> None:
@@ -176,9 +191,9 @@ def test_non_finite_input_propagates_and_keeps_the_warm_start(bad: float) -> Non
     jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     method = get_method("nash_mtl", num_tasks=3)
     method.aggregate(jacobian)
-    alpha = method.state_dict()["_extra_state"]["alpha"].clone()
+    alpha = method.state_dict()["alpha"].clone()
     broken = jacobian.clone()
     broken[1, 2] = bad
     update = method.aggregate(broken)
     assert not torch.isfinite(update[2]) and torch.isfinite(update[[0, 1, 3, 4]]).all()
-    assert torch.equal(method.state_dict()["_extra_state"]["alpha"], alpha)
+    assert torch.equal(method.state_dict()["alpha"], alpha)
