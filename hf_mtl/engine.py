@@ -212,6 +212,13 @@ class MultiTaskEngine:
         #: running sums between two `pop_logs` calls: task -> [loss sum, loss count, weight sum, weight count]
         self._log_sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0, 0.0] for name in self.task_names}
 
+    @property
+    def methods(self) -> list[GradientMethod]:
+        """The method, and F-MTL's copy of it for the flat rows when that is a separate object."""
+        if self.flat_method is None or self.flat_method is self.method:
+            return [self.method]
+        return [self.method, self.flat_method]
+
     # ------------------------------------------------------------------ primitives
     def forward_losses(self, model: nn.Module, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, Tensor]:
         """One forward of the multi-task batch; task -> loss, for the tasks with labels."""
@@ -388,7 +395,8 @@ class MultiTaskEngine:
         present = (buffer.loss_counts > 0).nonzero().flatten()
         ids = present if present.numel() < len(self.task_names) else None
         mean_losses = buffer.loss_sums[present] / buffer.loss_counts[present]
-        self.method.observe_losses(mean_losses, task_ids=ids)
+        for method in self.methods:
+            method.observe_losses(mean_losses, task_ids=ids)
         for position, index in enumerate(present.tolist()):
             self._log_sums[self.task_names[index]][0] += float(mean_losses[position])
             self._log_sums[self.task_names[index]][1] += 1.0
@@ -415,7 +423,12 @@ class MultiTaskEngine:
         update = self.method.aggregate(loss_rows, losses=losses, task_ids=ids, generator=generator)
         if self.flat_method is not None:
             flat_rows = rows[num_tasks:] if ids is None else rows[num_tasks + present]
+            # a method with parameters combines the flat rows too (F-MTL's "same aggregator"), but only the loss
+            # rows train its parameters (GradNorm would otherwise get a second gradient from the flat rows)
+            saved = [None if p.grad is None else p.grad.clone() for _, p in self.partition.method]
             update = update + self.flat_method.aggregate(flat_rows, losses=losses, task_ids=ids, generator=generator)
+            for (_, p), grad in zip(self.partition.method, saved):
+                p.grad = grad
         torch.mul(update.float(), self.grad_scale, out=self.update)
 
     def _assign_plain_grads(self) -> None:
@@ -451,7 +464,8 @@ class MultiTaskEngine:
         before = self.buffer.loss_sums[present] / counts[present]
         after = stats[present] / stats[num_tasks + present].clamp_min(1.0)
         ids = present if present.numel() < num_tasks else None
-        self.method.after_optimizer_step(before, after, task_ids=ids)
+        for method in self.methods:
+            method.after_optimizer_step(before, after, task_ids=ids)
         self._window_batches.clear()
 
     # ------------------------------------------------------------------ logging

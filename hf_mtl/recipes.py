@@ -26,12 +26,17 @@ Every section is checked before anything is built: an unknown key, encoder, head
 strategy or data loader raises a `ValueError` that names it and lists the valid values. Overrides
 (`--set training.max_steps=20`, `--set data.fsdd.data_dir=../shared/data/fsdd`,
 `--set tasks.digit.num_labels=10`) address the YAML tree by dotted path; a task is addressed by its
-name, and a value is read as YAML (`true`, `0.5`, `[1, 2]`, `{c: 0.4}`).
+name, and a value is read as YAML (`true`, `0.5`, `[1, 2]`, `{c: 0.4}`). Training arguments are converted
+to their field's type the way the command line converts them (``learning_rate: 2e-5``, which YAML reads
+as a string, is the float 2e-5).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import difflib
+import functools
 import importlib
 import importlib.util
 import os
@@ -157,18 +162,32 @@ class Recipe:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "Recipe":
-        """Reads a recipe file and applies ``key=value`` overrides (dotted paths)."""
+    def from_yaml(
+        cls, path: str | os.PathLike, overrides: Sequence[str] = (), training: Mapping[str, Any] | None = None
+    ) -> "Recipe":
+        """Reads a recipe file and applies ``key=value`` overrides (dotted paths).
+
+        Args:
+            path (`str` or `os.PathLike`): the recipe's YAML file.
+            overrides (`list[str]`, *optional*): ``dotted.key=value`` overrides (`apply_override`), in order.
+            training (`dict`, *optional*): training arguments that override the `training` section last
+                (the ``--learning_rate 0.1`` flags of ``hf-mtl train``).
+        """
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"recipe {str(path)!r} does not exist")
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as error:
+                raise ValueError(f"recipe {str(path)!r} is not valid YAML: {error}") from error
         if not isinstance(data, Mapping):
             raise ValueError(f"recipe {str(path)!r} must be a YAML mapping with the sections {', '.join(RECIPE_KEYS)}")
         data = copy.deepcopy(dict(data))
         for override in overrides:
             apply_override(data, override)
+        if training:
+            data["training"] = {**_mapping("training", data.get("training") or {}), **training}
         return cls.from_dict(data)
 
     @classmethod
@@ -178,6 +197,12 @@ class Recipe:
         for required in ("encoders", "data", "tasks"):
             if required not in data or not data[required]:
                 raise ValueError(f"recipe: section `{required}` is missing or empty")
+        from .modeling.modeling import _check_trunk
+
+        _check_trunk(data.get("trunk"))
+        head_dropout = data.get("head_dropout", 0.1)
+        if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"recipe: `head_dropout` must be a number in [0, 1), got {head_dropout!r}")
         encoders = {}
         for key, spec in _mapping("encoders", data["encoders"]).items():
             spec = _mapping(f"encoders.{key}", spec)
@@ -197,6 +222,12 @@ class Recipe:
             _check_keys(f"data.{key}", spec, DATA_KEYS)
             if spec.get("loader") not in loaders:
                 raise ValueError(f"data.{key}.loader must be one of {', '.join(loaders)}; got {spec.get('loader')!r}")
+            for count in ("max_train_samples", "max_eval_samples"):
+                value = spec.get(count)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ValueError(f"data.{key}.{count} must be a positive integer or null, got {value!r}")
+            if spec.get("options") is not None:
+                _mapping(f"data.{key}.options", spec["options"])
             data_specs[key] = DataSpec(**{k: v for k, v in spec.items() if v is not None or k in ("data_dir", "eval_split")})
         tasks = data["tasks"]
         if not isinstance(tasks, list):
@@ -216,12 +247,14 @@ class Recipe:
                 raise ValueError(f"task {name!r}: `encoder` {task.get('encoder')!r} is not one of the encoders: {', '.join(encoders)}")
             if task.get("data") not in data_specs:
                 raise ValueError(f"task {name!r}: `data` {task.get('data')!r} is not one of the data keys: {', '.join(data_specs)}")
-        training = dict(_mapping("training", data.get("training") or {}))
-        _check_training(training)
+            Task(**{k: v for k, v in task.items() if k != "data"})  # name, head, num_labels, ... checked before any loading
+        training = _check_training(_mapping("training", data.get("training") or {}))
+        source = dict(data)
+        source["training"] = dict(training)
         return cls(
             encoders=encoders, data=data_specs, tasks=[dict(t) for t in tasks], training=training,
-            trunk=data.get("trunk"), head_dropout=float(data.get("head_dropout", 0.1)),
-            name=data.get("name"), description=data.get("description"), source=dict(data),
+            trunk=data.get("trunk"), head_dropout=float(head_dropout),
+            name=data.get("name"), description=data.get("description"), source=source,
         )
 
     def to_yaml(self) -> str:
@@ -240,7 +273,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ValueError(f"`--set` got an empty key in {override!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"`--set {override}`: the value is not valid YAML: {error}") from error
     if len(parts) == 1 and parts[0] not in RECIPE_KEYS:
         parts = ["training", parts[0]]
     if parts[0] not in RECIPE_KEYS:
@@ -254,6 +290,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 raise ValueError(f"`--set {override}`: no task named {part!r}; tasks are: {', '.join(map(str, names))}")
             node = matches[0]
             continue
+        if depth == 1 and parts[0] in ("encoders", "data") and part not in node:
+            # a new encoder or data key is given whole (--set data.mine='{loader: trec}'); a field of a
+            # missing one is a typo
+            kind = "encoder" if parts[0] == "encoders" else "data key"
+            raise ValueError(
+                f"`--set {override}`: no {kind} {part!r}; {parts[0]} are: {', '.join(map(str, node)) or 'none'}"
+            )
         if node.get(part) is None:
             node[part] = {}
         node = node[part]
@@ -276,16 +319,45 @@ def _check_keys(where: str, data: Mapping[str, Any], valid: Sequence[str]) -> No
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
 
 
-def _check_training(training: Mapping[str, Any]) -> None:
+@functools.lru_cache(maxsize=1)
+def training_argument_actions() -> dict[str, argparse.Action]:
+    """Field name -> the `argparse` action that `HfArgumentParser` builds for each `MultiTaskTrainingArguments`
+    field (its type conversion, choices and help)."""
+    from transformers import HfArgumentParser
+
     from .training_args import MultiTaskTrainingArguments
 
-    valid = {f.name for f in fields(MultiTaskTrainingArguments) if f.init}
-    unknown = sorted(set(training) - valid)
+    parser = HfArgumentParser(MultiTaskTrainingArguments, add_help=False)
+    return {action.dest: action for action in parser._actions if action.option_strings and action.dest not in ("help",)}
+
+
+def _check_training(training: Mapping[str, Any]) -> dict[str, Any]:
+    """The `training` section with every key checked against `MultiTaskTrainingArguments` and string values
+    converted as the command line would (YAML reads ``2e-5`` as a string)."""
+    from .training_args import MultiTaskTrainingArguments
+
+    valid = [f.name for f in fields(MultiTaskTrainingArguments) if f.init]
+    unknown = sorted(set(training) - set(valid))
     if unknown:
+        hints = {key: difflib.get_close_matches(key, valid, n=3) for key in unknown}
+        hint = "; ".join(f"did you mean {', '.join(h)} for {key!r}?" for key, h in hints.items() if h)
         raise ValueError(
             f"training: unknown key(s) {unknown}; valid keys are the fields of MultiTaskTrainingArguments "
-            "(`hf-mtl train --help` lists them)"
+            f"(`hf-mtl train --help` lists them){'; ' + hint if hint else ''}"
         )
+    actions = training_argument_actions()
+    converted = dict(training)
+    for key, value in training.items():
+        action = actions.get(key)
+        convert = getattr(action, "type", None)
+        if not isinstance(value, str) or convert is None or convert is str or action.nargs == "+":
+            continue
+        try:
+            converted[key] = convert(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            kind = getattr(convert, "__name__", "value")
+            raise ValueError(f"training.{key} must be a {kind}, got {value!r}: {error}") from error
+    return converted
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -294,9 +366,14 @@ def resolve_path(path: str) -> str:
     if not path.startswith(PACKAGE_SCHEME):
         return os.path.expanduser(path)
     module, _, sub = path[len(PACKAGE_SCHEME) :].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        spec = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
         raise ValueError(f"{path!r}: package {module!r} is not installed (pip install {module.replace('_', '-')})")
+    if not spec.submodule_search_locations:
+        raise ValueError(f"{path!r}: {module!r} is a module, not a package folder; write pkg://<package>/<folder>")
     folder = Path(list(spec.submodule_search_locations)[0]) / sub
     if not folder.is_dir():
         raise ValueError(f"{path!r}: package {module!r} has no folder {sub!r}")
@@ -320,11 +397,17 @@ def build_encoder(key: str, spec: EncoderSpec) -> Any:
         except ValueError as error:
             raise ValueError(f"encoders.{key}.config: {error}") from error
     names = [name for name, _ in encoder.named_parameters()]
+    prefixes = sorted({".".join(name.split(".")[:depth]) for name in names for depth in range(1, name.count(".") + 2)})
     for prefix in spec.freeze:
-        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        matched = [name for name in names if name == prefix or name.startswith(str(prefix) + ".")]
         if not matched:
-            blocks = sorted({name.rsplit(".", 1)[0] for name in names})
-            raise ValueError(f"encoders.{key}.freeze: {prefix!r} matches no parameter; modules with parameters: {', '.join(blocks[:40])}")
+            close = difflib.get_close_matches(str(prefix), prefixes, n=5)
+            top = sorted({name.split(".")[0] for name in names})
+            raise ValueError(
+                f"encoders.{key}.freeze: {prefix!r} matches no parameter of the encoder; valid prefixes are dotted "
+                f"module or parameter names, e.g. the top-level modules {', '.join(top)}"
+                + (f"; closest: {', '.join(close)}" if close else "")
+            )
         for name, param in encoder.named_parameters():
             if name in matched:
                 param.requires_grad_(False)
@@ -342,7 +425,10 @@ def build_processor(key: str, spec: EncoderSpec) -> Any | None:
         cls = getattr(transformers, str(class_name), None) if class_name else None
         if cls is None:
             raise ValueError(f"encoders.{key}.processor.class must name a transformers processor class, got {class_name!r}")
-        return cls(**options)
+        try:
+            return cls(**options)
+        except (TypeError, ValueError, OSError) as error:
+            raise ValueError(f"encoders.{key}.processor: {class_name}({options}) failed: {error}") from error
     folder = resolve_path(processor) if isinstance(processor, str) else (resolve_path(spec.pretrained) if spec.pretrained else None)
     if folder is None:
         return None
@@ -358,10 +444,13 @@ def build_processor(key: str, spec: EncoderSpec) -> Any | None:
 
 def load_data(key: str, spec: DataSpec, seed: int) -> tuple[Any, Any | None]:
     """The (train, eval) datasets of one data key."""
+    loader = DATA_LOADERS.get(spec.loader)
     try:
-        dataset = DATA_LOADERS.get(spec.loader)(spec.data_dir, **spec.options)
+        dataset = loader(spec.data_dir, **spec.options)
     except TypeError as error:
         raise ValueError(f"data.{key}.options: {error}") from error
+    except (ValueError, FileNotFoundError) as error:  # the loader names the argument (`data_dir`, ...)
+        raise ValueError(f"data.{key} (loader {spec.loader!r}): {error}") from error
     splits = list(dataset.keys())
     for name, split in (("train_split", spec.train_split), ("eval_split", spec.eval_split)):
         if split is not None and split not in dataset:

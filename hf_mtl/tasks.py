@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,9 +32,10 @@ class Task:
             Head kind, one of `hf_mtl.list_heads()`: ``classification`` (single label),
             ``multilabel`` (several binary labels, missing ones masked), ``regression``,
             ``token_classification``.
-        num_labels (`int`, *optional*, defaults to 2):
+        num_labels (`int`, *optional*):
             Number of classes (classification, token classification), of binary labels
-            (multilabel), or of regression targets.
+            (multilabel), or of regression targets. Defaults to the length of `label_names` when
+            given, else to 1 for ``regression`` and 2 for the other heads.
         label_column (`str`, *optional*):
             Dataset column holding this task's labels; defaults to ``name``. Several tasks may read
             different columns of the same dataset (they then share one encoder pass).
@@ -46,10 +48,13 @@ class Task:
             Extra head options, e.g. ``{"pooling": "cls"}`` (default ``"mean"``).
     """
 
+    #: Head constructor arguments that the model fills in itself.
+    _BUILT_BY_MODEL = ("hidden_size", "num_labels", "dropout")
+
     name: str
     encoder: str
     head: str = "classification"
-    num_labels: int = 2
+    num_labels: int | None = None
     label_column: str | None = None
     metrics: list[str] | None = None
     label_names: list[str] | None = None
@@ -63,14 +68,35 @@ class Task:
                 f"`name` of a task must start with a letter and use only letters, digits, '_' and '-', "
                 f"got {self.name!r}"
             )
+        if not isinstance(self.encoder, str) or not self.encoder:
+            raise ValueError(f"task {self.name!r}: `encoder` must be the key of an encoder, got {self.encoder!r}")
         if self.head not in HEADS:
             raise ValueError(f"task {self.name!r}: unknown `head` {self.head!r}; valid heads are: {', '.join(HEADS.names())}")
-        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+        if self.num_labels is None:
+            if self.label_names is not None:
+                self.num_labels = len(self.label_names)
+            else:
+                self.num_labels = 1 if self.head == "regression" else 2
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"task {self.name!r}: `num_labels` must be a positive integer, got {self.num_labels!r}")
         if self.label_column is None:
             self.label_column = self.name
+        if not isinstance(self.label_column, str):
+            raise ValueError(f"task {self.name!r}: `label_column` must be a column name, got {self.label_column!r}")
         if self.metrics is None:
             self.metrics = list(DEFAULT_METRICS[self.head])
+        if not isinstance(self.head_kwargs, dict):
+            raise ValueError(f"task {self.name!r}: `head_kwargs` must be a dict, got {self.head_kwargs!r}")
+        valid = [
+            name
+            for name in inspect.signature(HEADS.get(self.head).__init__).parameters
+            if name not in ("self", *self._BUILT_BY_MODEL)
+        ]
+        unknown = sorted(set(self.head_kwargs) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"task {self.name!r}: unknown `head_kwargs` {unknown} for head {self.head!r}; valid keys are: {', '.join(valid)}"
+            )
         if self.label_names is not None and len(self.label_names) != self.num_labels:
             raise ValueError(
                 f"task {self.name!r}: `label_names` has {len(self.label_names)} names but `num_labels` is {self.num_labels}"
@@ -81,6 +107,7 @@ class Task:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Task":
+        """A task from a mapping of its fields; an unknown field raises a `ValueError` naming the valid ones."""
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:

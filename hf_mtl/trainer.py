@@ -58,9 +58,8 @@ class _MultiTaskCallback(TrainerCallback):
         self.trainer.engine.after_optimizer_step(self.trainer.model)
 
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        self.trainer.engine.method.on_epoch_end(int(round(state.epoch or 0)))
-        if self.trainer.engine.flat_method is not None and self.trainer.engine.flat_method is not self.trainer.engine.method:
-            self.trainer.engine.flat_method.on_epoch_end(int(round(state.epoch or 0)))
+        for method in self.trainer.engine.methods:
+            method.on_epoch_end(int(round(state.epoch or 0)))
 
 
 class MultiTaskTrainer(Trainer):

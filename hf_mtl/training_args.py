@@ -109,6 +109,10 @@ class MultiTaskTrainingArguments(TrainingArguments):
     sam_eta: float = field(default=0.01, metadata={"help": "eta of ASAM's T_w = |w| + eta."})
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and _launched_on_cpu_only():
+            # `torchrun` / `accelerate launch` on a machine without an accelerator: run as Accelerate's MULTI_CPU
+            # (gloo) instead of one independent process per rank.
+            self.use_cpu = True
         self.mtl_method_kwargs = _as_dict("mtl_method_kwargs", self.mtl_method_kwargs)
         self.task_batch_sizes = _as_dict("task_batch_sizes", self.task_batch_sizes)
         super().__post_init__()
@@ -137,6 +141,19 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"`sam_eta` must be >= 0, got {self.sam_eta!r}")
         if self.sam == "asam":
             self.sam_adaptive = True
+
+
+def _launched_on_cpu_only() -> bool:
+    """Several processes were launched (``WORLD_SIZE`` > 1) and no CUDA, XPU or MPS device is there."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    return not (torch.cuda.is_available() or has_xpu or has_mps)
 
 
 def _as_dict(name: str, value: Any) -> dict[str, Any]:

@@ -29,11 +29,13 @@ When the engine calls them, and where state may change: per micro-step, on each 
 ``LossWeightingMethod.aggregate``, and again for SAM's ascent); once per optimizer step, on values
 identical on every rank, ``observe_losses`` (the step's mean losses), then ``aggregate`` (the global
 Jacobian), then ``after_optimizer_step``; ``on_epoch_end`` at each epoch's end. A method's state
-(counters, moving averages, its private generator) may only change in the once-per-step hooks, so
-that every rank keeps the same state whatever the accumulation and the number of calls:
+(counters, moving averages, loss statistics) may only change in the once-per-step hooks, so that
+every rank keeps the same state whatever the accumulation and the number of calls:
 ``transform_losses`` and ``combine_losses`` only read it (``combine_losses`` sets ``last_weights``,
 nothing else), and so does ``aggregate`` of a representation method, which runs per micro-step.
-Random draws come from the ``generator`` the engine passes (seeded from the run's seed and the step).
+Random methods draw from the ``generator`` they are given; the engine always passes one, seeded from
+the run's seed, the step and the micro-step, so a method's private generator (``seed=``) only serves
+calls outside the engine that pass none.
 
 Representation-level methods (``requires_representation = True``: MGDA-UB, GradDrop) receive as rows
 the per-task gradients with respect to the shared representation ``z`` (the features the heads read,
@@ -174,7 +176,8 @@ class GradientMethod(nn.Module):
         elif tuple(current.shape) != tuple(shape):
             raise ValueError(
                 f"`jacobian` does not fit the state of `{self.name}`: `{name}` has shape {tuple(current.shape)}, "
-                f"this call needs {tuple(shape)} (did `num_tasks`, the shared parameters or the method's settings change?)"
+                f"this call needs {tuple(shape)} "
+                "(did `num_tasks`, the shared parameters or the method's settings change?)"
             )
         return getattr(self, name)
 

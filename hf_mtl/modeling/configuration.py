@@ -24,6 +24,10 @@ class MultiTaskConfig(PretrainedConfig):
             modality.
         head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout before each head's output layer.
+        removed_modules (`dict[str, list[str]]`, *optional*):
+            Encoder key -> dotted names of the submodules that the encoder's class builds from its config
+            but that the given encoder left out (``["pooler"]`` for ``BertModel(config, add_pooling_layer=False)``).
+            `MultiTaskModel.from_encoders` fills it in, so that a reloaded model has exactly the saved parameters.
     """
 
     model_type = "hf_mtl"
@@ -34,16 +38,20 @@ class MultiTaskConfig(PretrainedConfig):
         tasks: list[dict[str, Any]] | None = None,
         trunk: dict[str, Any] | None = None,
         head_dropout: float = 0.1,
+        removed_modules: dict[str, list[str]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.encoders = dict(encoders or {})
         self.tasks = list(tasks or [])
         self.trunk = dict(trunk) if trunk else None
         self.head_dropout = head_dropout
+        self.removed_modules = {key: list(names) for key, names in (removed_modules or {}).items()}
         super().__init__(**kwargs)
 
     def encoder_config(self, key: str) -> PretrainedConfig:
         """The `PretrainedConfig` of encoder ``key``."""
+        if key not in self.encoders:
+            raise ValueError(f"unknown encoder {key!r}; the encoders are: {', '.join(sorted(self.encoders))}")
         data = dict(self.encoders[key])
         model_type = data.pop("model_type", None)
         if model_type is None:

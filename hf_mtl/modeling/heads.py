@@ -5,10 +5,11 @@ a label tensor (``collate_labels``), and computes a loss in which missing labels
 never counted as a class (DESIGN.md, step 2):
 
 - single-label ``classification``: a missing label (``None``, ``-100``, or ``-1``, which `datasets.ClassLabel`
-  writes for a missing label) is ignored by the cross-entropy;
-- ``multilabel``: each row is a list of 0/1 values, ``None`` entries are masked out of the BCE;
-- ``regression``: ``None`` / NaN targets are masked out of the MSE;
-- ``token_classification``: one label per token, ``-100`` where a token has none.
+  writes for a missing label) is ignored by the cross-entropy, in raw values and in label tensors alike;
+- ``multilabel``: each row is a list of 0/1 values, ``None`` entries (``-100`` or NaN in a tensor) are
+  masked out of the BCE, and a row that is ``None`` as a whole contributes nothing;
+- ``regression``: ``None`` / NaN targets are masked out of the MSE (a ``None`` row masks all its targets);
+- ``token_classification``: one label per token, ``-100`` (or ``-1``) where a token has none.
 
 A batch whose labels are all missing gives a zero loss that still depends on the logits, so every
 rank and every task run the same backward graph.
@@ -97,11 +98,17 @@ def _is_missing_class(value: Any) -> bool:
     return _is_missing(value) or value == -1
 
 
+def _ignore_missing_classes(labels: Tensor) -> Tensor:
+    """Class labels with ``-1`` (`datasets.ClassLabel`'s missing value) turned into the ignored ``-100``."""
+    return labels.masked_fill(labels == -1, IGNORE_INDEX)
+
+
 @HEADS.register("classification")
 class ClassificationHead(TaskHead):
     """Single-label classification: cross-entropy over ``num_labels`` classes, missing labels ignored."""
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        labels = _ignore_missing_classes(labels)
         if (labels != IGNORE_INDEX).any():
             return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         return logits.sum() * 0.0
@@ -126,21 +133,25 @@ class TokenClassificationHead(ClassificationHead):
     sequence_level = False
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        labels = labels[:, : logits.shape[1]]
+        labels = _ignore_missing_classes(labels[:, : logits.shape[1]])
         if (labels != IGNORE_INDEX).any():
             return F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return logits.sum() * 0.0
 
     def collate_labels(self, values: Sequence[Any]) -> Tensor:
-        length = max(len(v) for v in values)
+        """Pads the per-token labels with -100; a row that is ``None`` (no labels) is all -100."""
+        values = [[] if sequence is None else sequence for sequence in values]
+        length = max([len(v) for v in values] + [1])
         out = torch.full((len(values), length), IGNORE_INDEX, dtype=torch.long)
         for row, sequence in enumerate(values):
+            if not len(sequence):
+                continue
             out[row, : len(sequence)] = torch.tensor([IGNORE_INDEX if _is_missing_class(v) else int(v) for v in sequence])
         return out
 
     def check_labels(self, values: Sequence[Any]) -> str | None:
         for sequence in values:
-            message = super().check_labels(sequence)
+            message = super().check_labels(sequence or [])
             if message:
                 return message
         return None
@@ -152,10 +163,11 @@ class MultiLabelHead(TaskHead):
     labels) are masked out of the loss and of the mean."""
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        present = labels != IGNORE_INDEX
+        present = (labels != IGNORE_INDEX) & ~torch.isnan(labels)
         if not present.any():
             return logits.sum() * 0.0
-        per_entry = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(0, 1).float(), reduction="none")
+        targets = torch.where(present, labels, torch.zeros_like(labels)).float()
+        per_entry = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
         return per_entry[present].mean()
 
     def collate_labels(self, values: Sequence[Any]) -> Tensor:
@@ -195,16 +207,22 @@ class RegressionHead(TaskHead):
     def collate_labels(self, values: Sequence[Any]) -> Tensor:
         rows = []
         for value in values:
-            entries = value if isinstance(value, (list, tuple)) else [value]
+            entries = self._entries(value)
             rows.append([float("nan") if v is None else float(v) for v in entries])
         return torch.tensor(rows, dtype=torch.float32)
 
     def predictions(self, logits: Tensor) -> Tensor:
         return logits
 
+    def _entries(self, value: Any) -> list[Any]:
+        """The targets of one row: a list, or a scalar (one target); ``None`` masks the whole row."""
+        if value is None:
+            return [None] * self.num_labels
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
     def check_labels(self, values: Sequence[Any]) -> str | None:
         for value in values:
-            entries = value if isinstance(value, (list, tuple)) else [value]
+            entries = self._entries(value)
             if len(entries) != self.num_labels:
                 return f"a target has {len(entries)} values, expected num_labels={self.num_labels}"
         return None

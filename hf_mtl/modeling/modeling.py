@@ -71,6 +71,38 @@ class SharedTrunk(nn.Module):
         return hidden
 
 
+TRUNK_KEYS = ("hidden_size", "num_layers")
+
+
+def _check_trunk(trunk: Mapping[str, Any] | None) -> None:
+    if not trunk:
+        return
+    if not isinstance(trunk, Mapping):
+        raise ValueError(f"`trunk` must be a mapping with the keys {', '.join(TRUNK_KEYS)}, got {trunk!r}")
+    unknown = sorted(set(trunk) - set(TRUNK_KEYS))
+    if unknown:
+        raise ValueError(f"`trunk` has unknown key(s) {unknown}; valid keys are: {', '.join(TRUNK_KEYS)}")
+    size, layers = trunk.get("hidden_size"), trunk.get("num_layers", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`trunk.hidden_size` must be a positive integer, got {size!r}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"`trunk.num_layers` must be an integer >= 0, got {layers!r}")
+
+
+def _removed_modules(reference: nn.Module, present: set[str]) -> list[str]:
+    """Dotted names of the submodules of ``reference`` none of whose state-dict entries are in ``present``
+    (outermost only): what the user's encoder left out of what its class builds."""
+    keys = list(reference.state_dict())
+    removed: list[str] = []
+    for name, _ in reference.named_modules():
+        if not name or any(name.startswith(r + ".") for r in removed):
+            continue
+        owned = [k for k in keys if k.startswith(name + ".")]
+        if owned and not any(k in present for k in owned):
+            removed.append(name)
+    return removed
+
+
 def _hidden_size(config: Any) -> int:
     for attribute in ("hidden_size", "d_model", "dim", "embed_dim"):
         value = getattr(config, attribute, None)
@@ -97,6 +129,14 @@ class MultiTaskModel(PreTrainedModel):
 
     def __init__(self, config: MultiTaskConfig) -> None:
         super().__init__(config)
+        _check_trunk(config.trunk)
+        if not (isinstance(config.head_dropout, (int, float)) and 0.0 <= config.head_dropout < 1.0):
+            raise ValueError(f"`head_dropout` must be in [0, 1), got {config.head_dropout!r}")
+        unknown = sorted(set(config.removed_modules) - set(config.encoders))
+        if unknown:
+            raise ValueError(
+                f"`removed_modules` names unknown encoder(s) {unknown}; the encoders are: {', '.join(sorted(config.encoders))}"
+            )
         self.tasks: dict[str, Task] = {}
         for data in config.tasks:
             task = Task.from_dict(dict(data))
@@ -111,6 +151,16 @@ class MultiTaskModel(PreTrainedModel):
         self.encoders = nn.ModuleDict(
             {key: AutoModel.from_config(config.encoder_config(key)) for key in config.encoders}
         )
+        for key, names in config.removed_modules.items():
+            for name in names:
+                parent, _, attribute = name.rpartition(".")
+                try:
+                    owner = self.encoders[key].get_submodule(parent) if parent else self.encoders[key]
+                except AttributeError:
+                    owner = None
+                if owner is None or not isinstance(getattr(owner, attribute, None), nn.Module):
+                    raise ValueError(f"`removed_modules`: encoder {key!r} has no submodule {name!r}")
+                setattr(owner, attribute, None)
         encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in config.encoders}
         if config.trunk:
             trunk_size = int(config.trunk["hidden_size"])
@@ -153,6 +203,8 @@ class MultiTaskModel(PreTrainedModel):
             trunk (`dict`, *optional*): see `MultiTaskConfig`.
             head_dropout (`float`, *optional*, defaults to 0.1): dropout before each head.
         """
+        if not isinstance(encoders, Mapping) or not encoders:
+            raise ValueError("`encoders` must be a non-empty dict: encoder key -> PreTrainedModel or checkpoint folder")
         loaded: dict[str, PreTrainedModel] = {}
         for key, encoder in encoders.items():
             if isinstance(encoder, (str, os.PathLike)):
@@ -161,7 +213,8 @@ class MultiTaskModel(PreTrainedModel):
                 encoder = AutoModel.from_pretrained(encoder)
             if not isinstance(encoder, PreTrainedModel):
                 raise ValueError(
-                    f"encoder {key!r} must be a transformers PreTrainedModel or a checkpoint folder, got {type(encoder).__name__}"
+                    f"`encoders`: encoder {key!r} must be a transformers PreTrainedModel or the path of a local checkpoint "
+                    f"folder, got {type(encoder).__name__}"
                 )
             loaded[key] = encoder
         task_dicts = [t.to_dict() if isinstance(t, Task) else Task.from_dict(dict(t)).to_dict() for t in tasks]
@@ -175,6 +228,18 @@ class MultiTaskModel(PreTrainedModel):
         )
         model = cls(config)
         for key, encoder in loaded.items():  # keep the user's modules (and weights) as they are
+            reference = model.encoders[key]  # what `from_pretrained` will build from the saved config
+            present = set(encoder.state_dict())
+            extra = sorted(present - set(reference.state_dict()))
+            if extra:
+                raise ValueError(
+                    f"`encoders`: encoder {key!r} ({type(encoder).__name__}) has weights that "
+                    f"`AutoModel.from_config` does not build ({type(reference).__name__}), e.g. {extra[0]!r}, so a saved "
+                    f"model could not be reloaded; pass the base encoder ({type(reference).__name__})"
+                )
+            removed = _removed_modules(reference, present)
+            if removed:
+                config.removed_modules[key] = removed
             model.encoders[key] = encoder
         return model
 

@@ -9,11 +9,14 @@ state must survive a ``state_dict`` round trip.
 from __future__ import annotations
 
 import copy
+import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from hf_mtl.methods import LossWeightingMethod, get_method, list_methods
+from hf_mtl.methods import METHODS, LossWeightingMethod, get_method, list_methods
 
 P = 7
 
@@ -97,15 +100,16 @@ def test_state_dict_round_trip(name: str) -> None:
 def _same(first, second) -> bool:
     """Deep equality of two state dicts (tensors bitwise, NaN equal to NaN)."""
     if isinstance(first, torch.Tensor):
-        return (
-            isinstance(second, torch.Tensor)
-            and first.shape == second.shape
-            and first.dtype == second.dtype
-            and torch.equal(torch.nan_to_num(first, nan=0.0), torch.nan_to_num(second, nan=0.0))
-            and torch.equal(torch.isnan(first), torch.isnan(second))
-        ) if first.is_floating_point() else isinstance(second, torch.Tensor) and torch.equal(first, second)
+        if not isinstance(second, torch.Tensor) or first.shape != second.shape or first.dtype != second.dtype:
+            return False
+        if not first.is_floating_point():
+            return torch.equal(first, second)
+        both_nan = torch.isnan(first) & torch.isnan(second)
+        return torch.equal(torch.isnan(first), torch.isnan(second)) and bool((both_nan | (first == second)).all())
     if isinstance(first, dict):
-        return isinstance(second, dict) and first.keys() == second.keys() and all(_same(first[k], second[k]) for k in first)
+        if not isinstance(second, dict) or first.keys() != second.keys():
+            return False
+        return all(_same(first[key], second[key]) for key in first)
     if isinstance(first, (list, tuple)):
         return len(first) == len(second) and all(_same(a, b) for a, b in zip(first, second))
     return first == second
@@ -159,3 +163,14 @@ def test_float64_input_stays_float64(name: str) -> None:
 def test_unknown_method_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="valid names are: .*pcgrad"):
         get_method("pcgrd")
+
+
+def test_docs_table_lists_every_method_with_its_defaults() -> None:
+    """``docs/methods.md`` has one row per registered method, whose defaults match the constructor."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text(encoding="utf-8")
+    rows = {match[0]: match[1] for match in re.findall(r"^\| `(\w+)` \|(.*)$", text, flags=re.MULTILINE)}
+    assert sorted(rows) == list_methods()
+    for name, row in rows.items():
+        parameters = inspect.signature(METHODS.get(name).__init__).parameters.values()
+        defaults = ", ".join(f"`{p.name}={p.default!r}`" for p in parameters if p.name not in ("self", "num_tasks"))
+        assert f"| {defaults or '—'} |" in row, (name, defaults)
