@@ -4,7 +4,9 @@
     hf-mtl check RECIPE.yaml [--set key=value ...]     validate a recipe and build the run, no training
     hf-mtl list                                        methods, samplers, heads, SAM variants, data loaders
 
-``hf-mtl train --help`` documents the recipe sections and every training argument.
+``hf-mtl train --help`` documents the recipe sections and every training argument; each training argument is
+also an option (``--learning_rate 1e-3``) that overrides the recipe. Bad input exits with status 2 and a message
+naming the field and the valid values, before any data set or model is loaded where it can be.
 """
 
 from __future__ import annotations
@@ -29,33 +31,66 @@ hf_mtl/recipes.py and recipes/quickstart.yaml). Override any value with --set, b
   --set tasks.digit.num_labels=10       (tasks are addressed by name)
   --set training.mtl_method_kwargs='{c: 0.4}'
 
-Values are read as YAML. The `training` section takes every field of MultiTaskTrainingArguments:
+Values are read as YAML. Every field of MultiTaskTrainingArguments is also an option of its own
+(--learning_rate 0.001, --mtl_method cagrad); options win over --set, which wins over the recipe.
+Bad input (an unknown key, encoder, head, method, sampling strategy, data loader or data set, labels
+outside num_labels, a non-empty output_dir) exits with status 2 before any training.
 """
 
+_TRAINING_GROUP = "training arguments (MultiTaskTrainingArguments; each overrides the recipe's `training` section)"
 
-def _training_arguments_help() -> str:
-    parser = HfArgumentParser(MultiTaskTrainingArguments)
-    lines = parser.format_help().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip().startswith("options:") or line.strip().startswith("optional arguments:")), 0)
-    return "\n".join(lines[start + 1 :])
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and widens the option column a little."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> list[str]:
+    """Adds one option per `MultiTaskTrainingArguments` field to ``parser``, in their own group, with the
+    field's help, choices and default. Options left out are absent from the parsed namespace (default
+    `argparse.SUPPRESS`), so that only the ones given override the recipe. Returns the fields."""
+    group = parser.add_argument_group(_TRAINING_GROUP)
+    fields = []
+    for action in HfArgumentParser(MultiTaskTrainingArguments, add_help=False)._actions:
+        default = action.default
+        action.default = argparse.SUPPRESS
+        if action.help is not None and default is not None and not action.dest.startswith("no_") and not action.option_strings[0].startswith("--no_"):
+            action.help = f"{action.help} (default: {str(default).replace('%', '%%')})"
+        group._add_action(action)
+        if action.dest not in fields:
+            fields.append(action.dest)
+    return fields
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-mtl", description="Multi-task training for the Hugging Face Trainer.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, summary in (("train", "train, evaluate and save a model from a recipe"), ("check", "validate a recipe and build the run")):
+    for name, summary in (("train", "train, evaluate and save a model from a recipe"),
+                          ("check", "validate a recipe and build the run (data, encoders, model), without training")):
         sub = commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            epilog=_RECIPE_HELP + _training_arguments_help() if name == "train" else _RECIPE_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, help=summary, description=summary, epilog=_RECIPE_HELP, formatter_class=_HelpFormatter,
+            allow_abbrev=False, usage=f"hf-mtl {name} [-h] RECIPE [--set KEY=VALUE ...] [--<training argument> VALUE ...]",
         )
         sub.add_argument("recipe", help="path of the recipe YAML file")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a recipe value by dotted path (repeatable)")
+        sub.set_defaults(training_fields=_add_training_arguments(sub))
     commands.add_parser("list", help="list the registered methods, samplers, heads, SAM variants and data loaders")
     return parser
+
+
+def _check_output_dir(args: MultiTaskTrainingArguments) -> None:
+    """Refuses a non-empty `output_dir` before anything is built (the trainer would refuse it at `train()`)."""
+    output_dir = args.output_dir
+    if args.resume_from_checkpoint or args.overwrite_output_dir or not output_dir or not os.path.isdir(output_dir):
+        return
+    if os.listdir(output_dir):
+        raise ValueError(
+            f"`output_dir` {output_dir!r} already exists and is not empty; set `overwrite_output_dir=true` to write "
+            "into it anyway, `resume_from_checkpoint` to continue that run, or choose another `output_dir`"
+        )
 
 
 def _metrics_table(metrics: Mapping[str, float], task_names: Sequence[str]) -> str:
@@ -86,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("sam", list_sharpness()), ("data loaders", recipes.list_data_loaders())):
             print(f"{title}: {', '.join(names)}")
         return 0
+    given = {name: getattr(args, name) for name in args.training_fields if hasattr(args, name)}
     try:
-        recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides)
-        trainer = recipes.build_trainer(recipe)
+        recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides, training=given)
+        training_args = recipes.training_arguments(recipe)
+        _check_output_dir(training_args)
+        trainer = recipes.build_trainer(recipe, training_args)
     except ValueError as error:
         print(f"hf-mtl: error: {error}", file=sys.stderr)
         return 2
@@ -96,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recipe {args.recipe}: {len(trainer.tasks)} tasks ({', '.join(trainer.tasks)}), method {trainer.args.mtl_method}: OK")
         return 0
     try:
-        trainer.train()
-    except ValueError as error:  # e.g. a non-empty output_dir
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except ValueError as error:  # refused before the first step (e.g. a streaming data set without `max_steps`)
         print(f"hf-mtl: error: {error}", file=sys.stderr)
         return 2
     metrics = trainer.evaluate() if trainer.eval_groups else {}

@@ -328,7 +328,10 @@ def training_argument_actions() -> dict[str, argparse.Action]:
     from .training_args import MultiTaskTrainingArguments
 
     parser = HfArgumentParser(MultiTaskTrainingArguments, add_help=False)
-    return {action.dest: action for action in parser._actions if action.option_strings and action.dest not in ("help",)}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # the field's own flag comes before its `--no_<field>` complement
+        actions.setdefault(action.dest, action)
+    return actions
 
 
 def _check_training(training: Mapping[str, Any]) -> dict[str, Any]:
@@ -350,7 +353,7 @@ def _check_training(training: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in training.items():
         action = actions.get(key)
         convert = getattr(action, "type", None)
-        if not isinstance(value, str) or convert is None or convert is str or action.nargs == "+":
+        if not isinstance(value, str) or not (convert in (int, float) or getattr(convert, "__name__", "") == "string_to_bool"):
             continue
         try:
             converted[key] = convert(value)
@@ -464,17 +467,62 @@ def load_data(key: str, spec: DataSpec, seed: int) -> tuple[Any, Any | None]:
     return train, evaluation
 
 
-def build_trainer(recipe: Recipe) -> Any:
-    """Builds the `MultiTaskTrainer` of a recipe: data, encoders, processors, model, arguments."""
+def training_arguments(recipe: Recipe) -> Any:
+    """The recipe's `MultiTaskTrainingArguments` (checked by their ``__post_init__``)."""
     from transformers import HfArgumentParser
 
-    from .data import collator_for
-    from .modeling import MultiTaskModel
-    from .tasks import Task
-    from .trainer import MultiTaskTrainer
     from .training_args import MultiTaskTrainingArguments
 
     (args,) = HfArgumentParser(MultiTaskTrainingArguments).parse_dict(recipe.training)
+    return args
+
+
+def _class_label(feature: Any) -> Any | None:
+    """The `ClassLabel` of a label column: the feature itself, or the items' feature of a sequence column."""
+    for candidate in (feature, getattr(feature, "feature", None)):
+        if getattr(candidate, "num_classes", None):
+            return candidate
+    return None
+
+
+def _build_collator(key: str, spec: EncoderSpec, processor: Any | None, encoder: Any) -> Any:
+    """The encoder's collator with the recipe's `collator` options (`None`: the trainer's default)."""
+    from .data import collator_for
+
+    if not spec.collator:
+        return None
+    if processor is not None:
+        build, what = functools.partial(collator_for, processor), type(collator_for(processor))
+    else:
+        from .trainer import _default_collator
+
+        what = type(_default_collator(key, encoder))
+        build = what
+    try:
+        return build(**spec.collator)
+    except TypeError as error:
+        import inspect
+
+        valid = [n for n in inspect.signature(what.__init__).parameters if n not in ("self", "tokenizer", "image_processor", "feature_extractor", "processor")]
+        raise ValueError(
+            f"encoders.{key}.collator: {error}; the options of {what.__name__} are: {', '.join(valid)}"
+        ) from error
+
+
+def build_trainer(recipe: Recipe, args: Any | None = None) -> Any:
+    """Builds the `MultiTaskTrainer` of a recipe: data, encoders, processors, model, arguments.
+
+    Args:
+        recipe (`Recipe`): the validated recipe.
+        args (`MultiTaskTrainingArguments`, *optional*): the arguments, when already parsed
+            (`training_arguments`); parsed from ``recipe.training`` otherwise.
+    """
+    from .modeling import MultiTaskModel
+    from .tasks import Task
+    from .trainer import MultiTaskTrainer
+
+    if args is None:
+        args = training_arguments(recipe)
     data = {key: load_data(key, spec, args.seed) for key, spec in recipe.data.items()}
     tasks, train_sets, eval_sets = [], {}, {}
     for entry in recipe.tasks:
@@ -487,11 +535,18 @@ def build_trainer(recipe: Recipe) -> Any:
                 f"task {entry['name']!r}: data {data_key!r} has no column {column!r} (columns: {', '.join(train.column_names)}); "
                 "set `label_column`"
             )
-        feature = train.features.get(column) if train.features else None
-        if "num_labels" not in entry and getattr(feature, "num_classes", None):
-            entry["num_labels"] = int(feature.num_classes)
-        if "label_names" not in entry and getattr(feature, "names", None) and entry.get("num_labels") == len(feature.names):
-            entry["label_names"] = list(feature.names)
+        if evaluation is not None and column not in evaluation.column_names:
+            raise ValueError(
+                f"task {entry['name']!r}: the eval split of data {data_key!r} has no column {column!r} "
+                f"(columns: {', '.join(evaluation.column_names)})"
+            )
+        head = entry.get("head", "classification")
+        label = _class_label(train.features.get(column)) if train.features and head in ("classification", "token_classification") else None
+        if label is not None:
+            if entry.get("num_labels") is None and entry.get("label_names") is None:
+                entry["num_labels"] = int(label.num_classes)
+            if entry.get("label_names") is None and entry.get("num_labels") == len(label.names):
+                entry["label_names"] = list(label.names)
         tasks.append(Task(**entry))
         train_sets[entry["name"]] = train
         if evaluation is not None:
@@ -499,15 +554,10 @@ def build_trainer(recipe: Recipe) -> Any:
     encoders = {key: build_encoder(key, spec) for key, spec in recipe.encoders.items()}
     processors = {key: p for key, spec in recipe.encoders.items() if (p := build_processor(key, spec)) is not None}
     collators = {
-        key: collator_for(processors[key], **spec.collator)
+        key: collator
         for key, spec in recipe.encoders.items()
-        if key in processors and spec.collator
+        if (collator := _build_collator(key, spec, processors.get(key), encoders[key])) is not None
     }
-    for key, spec in recipe.encoders.items():
-        if key not in processors and spec.collator:
-            from .trainer import _default_collator
-
-            collators[key] = type(_default_collator(key, encoders[key]))(**spec.collator)
     model = MultiTaskModel.from_encoders(encoders, tasks, trunk=recipe.trunk, head_dropout=recipe.head_dropout)
     return MultiTaskTrainer(
         model=model,

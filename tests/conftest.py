@@ -13,6 +13,10 @@ import torch
 
 from hf_mtl.data import load_digits, load_fsdd, load_trec
 
+# The tests' models are tiny: one thread per process is as fast as two on an idle machine, and far faster on a
+# busy one (OpenMP threads that wait for a core spin for milliseconds per operation).
+torch.set_num_threads(1)
+
 # The full data sets live next to the repository (../shared/data); HF_MTL_DATA points elsewhere.
 DATA_ROOT = Path(os.environ.get("HF_MTL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -53,7 +53,7 @@ def main() -> None:
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MultiTaskTrainingArguments(
         output_dir=str(Path(out) / "run"), overwrite_output_dir=True, mtl_method=method, task_sampling=sampling,
-        max_steps=3, per_device_train_batch_size=batch_size, learning_rate=0.5, optim="sgd", warmup_steps=0,
+        max_steps=int(__import__("os").environ.get("TINY_STEPS", "3")), per_device_train_batch_size=batch_size, learning_rate=0.5, optim="sgd", warmup_steps=0,
         lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
         dataloader_pin_memory=False, logging_steps=1,
     )
