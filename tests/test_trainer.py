@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+import datasets
+import evaluate
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +177,36 @@ def test_bad_arguments_name_the_field(tmp_path, field, value, message):
 def test_unknown_method_keyword_is_reported(build):
     with pytest.raises(ValueError, match="invalid `mtl_method_kwargs` for method 'cagrad'"):
         build(mtl_method="cagrad", mtl_method_kwargs={"alpha": 0.4})
+
+
+class Neighbour(evaluate.Metric):
+    """A user's `evaluate` module (no Hub): the fraction of predictions one class away from the label."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="neighbour confusions",
+            citation="",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        return {"neighbour": float((np.abs(predictions - references) == 1).mean())}
+
+
+def test_a_user_evaluate_module_is_reported_per_task(build):
+    trainer = build(max_steps=1)
+    trainer.task_metric_modules = trainer._build_metrics({"handwritten": ["accuracy", Neighbour()]})
+    metrics = trainer.evaluate()
+    labels = np.asarray(trainer.eval_groups[-1].dataset["label"])
+    logits = []
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(labels), 64):
+            rows = trainer.eval_groups[-1].dataset[start : start + 64]
+            pixels = torch.tensor(rows["pixel_values"]).unsqueeze(1)
+            logits.append(model(task="handwritten", pixel_values=pixels).logits["handwritten"])
+    predictions = torch.cat(logits).argmax(-1).numpy()
+    assert metrics["eval_handwritten_neighbour"] == pytest.approx(float((np.abs(predictions - labels) == 1).mean()))
+    assert metrics["eval_handwritten_accuracy"] == pytest.approx(float((predictions == labels).mean()))
+    assert "eval_handwritten_f1" not in metrics and "eval_coarse_f1" in metrics

@@ -148,9 +148,10 @@ class MultiTaskModel(PreTrainedModel):
                     f"{', '.join(sorted(config.encoders))}"
                 )
             self.tasks[task.name] = task
-        self.encoders = nn.ModuleDict(
-            {key: AutoModel.from_config(config.encoder_config(key)) for key in config.encoders}
-        )
+        # encoders in sorted key order: `config.json` stores them sorted, and a reloaded model must list its
+        # parameters in the order of the saved one (optimizer states and per-task buffers follow that order)
+        encoder_keys = sorted(config.encoders)
+        self.encoders = nn.ModuleDict({key: AutoModel.from_config(config.encoder_config(key)) for key in encoder_keys})
         for key, names in config.removed_modules.items():
             for name in names:
                 parent, _, attribute = name.rpartition(".")
@@ -161,7 +162,7 @@ class MultiTaskModel(PreTrainedModel):
                 if owner is None or not isinstance(getattr(owner, attribute, None), nn.Module):
                     raise ValueError(f"`removed_modules`: encoder {key!r} has no submodule {name!r}")
                 setattr(owner, attribute, None)
-        encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in config.encoders}
+        encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in encoder_keys}
         if config.trunk:
             trunk_size = int(config.trunk["hidden_size"])
             self.trunk: SharedTrunk | None = SharedTrunk(encoder_sizes, trunk_size, int(config.trunk.get("num_layers", 1)))
