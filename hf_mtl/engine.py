@@ -420,12 +420,14 @@ class MultiTaskEngine:
             self.update.fill_(float("nan"))  # the GradScaler sees it and skips the step
             return
         loss_rows = rows[:num_tasks] if ids is None else rows[present]
+        state = generator.get_state()  # F-MTL: the flat rows get the same random draws (RLW's weights)
         update = self.method.aggregate(loss_rows, losses=losses, task_ids=ids, generator=generator)
         if self.flat_method is not None:
             flat_rows = rows[num_tasks:] if ids is None else rows[num_tasks + present]
             # a method with parameters combines the flat rows too (F-MTL's "same aggregator"), but only the loss
             # rows train its parameters (GradNorm would otherwise get a second gradient from the flat rows)
             saved = [None if p.grad is None else p.grad.clone() for _, p in self.partition.method]
+            generator.set_state(state)
             update = update + self.flat_method.aggregate(flat_rows, losses=losses, task_ids=ids, generator=generator)
             for (_, p), grad in zip(self.partition.method, saved):
                 p.grad = grad

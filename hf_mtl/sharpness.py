@@ -15,8 +15,11 @@ Shared rules, from METHODS.md §1.6 and §2.3-2.5:
   neither the running averages nor ``num_batches_tracked`` move.
 - **Mixed precision.** The perturbation ρ g/‖g‖ is invariant to the loss scale, so the ascent uses
   the scaled gradients of the GradScaler as they are (norm in float32); a non-finite ascent gradient
-  gives no perturbation and the scaler decides about the step from the perturbed gradients. The
-  engine unscales once, at the sync step.
+  gives no perturbation and the scaler decides about the step from the perturbed gradients. At the
+  sync step the engine divides the Jacobian rows by the scale before the method (F-MTL's
+  ``h_i = g_i^SAM - g_i`` is formed at one scale, then unscaled with the rows) and multiplies the
+  update back, so the written ``.grad`` carry the scale and the GradScaler's single ``unscale_`` and
+  inf/NaN check at the optimizer step work as for a plain Trainer.
 - **Gradient accumulation** uses per-micro-batch perturbation ("m-sharpness", METHODS.md §2.5): each
   micro-batch is perturbed along its own gradient and its perturbed-point gradients accumulate in the
   engine's buffer. Under DDP each rank perturbs along its own gradient (the rows are averaged once,
@@ -234,7 +237,8 @@ class FMTL(Sharpness):
     parameter, biases included; the released code has η = 0 and ρ = 2 (set ``sam_eta=0`` to match
     it). The second aggregation uses a copy of the method (its own state: GradVac's EMA, Nash-MTL's
     warm start) unless the method has learnable parameters, which must stay the ones the optimizer
-    trains; then the same method combines both.
+    trains; then the same method combines both, and the engine keeps only the loss rows' gradient for
+    those parameters (GradNorm's logits learn from the g_i, not from the h_i).
 
     Representation methods act here on the parameter Jacobian (GradDrop with sign 1 as in the CAGrad
     code and TorchJD; MGDA-UB becomes MGDA). Loss-weighting methods combine the rows with their loss
@@ -259,6 +263,8 @@ class FMTL(Sharpness):
     ) -> dict[str, Tensor]:
         losses = engine.forward_losses(model, batch)
         names, transformed, ids = engine.stacked(losses)
+        detached = {task: loss.detach() for task, loss in losses.items()}
+        del losses  # with `transformed`, the only references to the graph at θ: freed after the last backward
         num_tasks = len(engine.task_names)
         shared = engine.row_params
         num_shared = len(shared)
@@ -269,7 +275,7 @@ class FMTL(Sharpness):
             grads = torch.autograd.grad(
                 transformed[position] * engine.grad_scale,
                 shared + private + method_params,
-                retain_graph=True,
+                retain_graph=position < len(names) - 1,  # the K perturbed passes must not hold the graph at θ
                 allow_unused=True,
             )
             engine.add_row(engine.task_ids[task], grads[:num_shared], scale)
@@ -280,7 +286,8 @@ class FMTL(Sharpness):
             combined = engine.method.combine_losses(
                 transformed.detach(), task_ids=ids if len(names) < num_tasks else None, generator=generator
             )
-            engine.add_plain(method_params, torch.autograd.grad(combined * engine.grad_scale, method_params, allow_unused=True), scale)
+            grads = torch.autograd.grad(combined * engine.grad_scale, method_params, allow_unused=True)
+            engine.add_plain(method_params, grads, scale)
         del transformed
         for task, grads in at_theta:
             private_named = engine.partition.private[task]
@@ -301,7 +308,7 @@ class FMTL(Sharpness):
             ]
             engine.add_row(num_tasks + engine.task_ids[task], flat, scale)
             engine.add_plain(private, sam_grads[num_shared:], scale)
-        return {task: loss.detach() for task, loss in losses.items()}
+        return detached
 
 
 def _single_task_batch(batch: Mapping[str, Any], task: str) -> dict[str, Any]:

@@ -215,7 +215,9 @@ class MultiTaskTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
         scaler = getattr(self.accelerator, "scaler", None)
-        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        # `scaler.scale` (not `get_scale`) creates the scaler's state on the first step, as a backward of
+        # `scaler.scale(loss)` would; the engine multiplies every loss by this factor itself
+        grad_scale = float(scaler.scale(torch.ones((), device=self.args.device))) if scaler is not None and scaler.is_enabled() else 1.0
         # every backward runs without DDP's reducer: the engine reduces the flat buffer itself
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
             loss = self.engine.micro_step(

@@ -60,9 +60,9 @@ class MultiTaskTrainingArguments(TrainingArguments):
         sam (`str`, *optional*):
             `sam` (Foret et al.), `asam` (Kwon et al.) or `fmtl` (task-based flat regions, Phan et al.); `None` or
             `"none"` for plain training.
-        sam_rho (`float`, *optional*, defaults to `0.05`):
-            Radius ρ of the perturbation (the ASAM paper uses 0.5-1.0, F-MTL's released runs 2.0 with
-            `sam_adaptive=True`).
+        sam_rho (`float`, *optional*):
+            Radius ρ of the perturbation. Defaults to the variant's: 0.05 for `sam` and `fmtl` (Foret et al.), 0.5
+            for `asam` (Kwon et al., CIFAR-10); F-MTL's released runs use 2.0 with `sam_adaptive=True`.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             Scale the perturbation by the weights (ASAM's T_w = |w| + η). Implied by `sam="asam"`; with `fmtl` it gives
             the perturbation of F-MTL's released code.
@@ -102,16 +102,19 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Sharpness-aware training: sam, asam or fmtl.", "choices": ["none", *list_sharpness()]},
     )
-    sam_rho: float = field(default=0.05, metadata={"help": "Radius rho of the SAM / ASAM / F-MTL perturbation."})
+    sam_rho: float | None = field(
+        default=None,
+        metadata={"help": "Radius rho of the perturbation (default: 0.05 for sam and fmtl, 0.5 for asam)."},
+    )
     sam_adaptive: bool = field(
         default=False, metadata={"help": "Scale the perturbation by |w| + eta (ASAM); implied by sam=asam."}
     )
     sam_eta: float = field(default=0.01, metadata={"help": "eta of ASAM's T_w = |w| + eta."})
 
     def __post_init__(self) -> None:
-        if not self.use_cpu and _launched_on_cpu_only():
-            # `torchrun` / `accelerate launch` on a machine without an accelerator: run as Accelerate's MULTI_CPU
-            # (gloo) instead of one independent process per rank.
+        if not self.use_cpu and not _has_accelerator():
+            # On a machine without an accelerator, say so to Accelerate: `torchrun` / `accelerate launch` then run as
+            # MULTI_CPU (gloo) instead of one independent process per rank, and `bf16` autocasts on the CPU.
             self.use_cpu = True
         self.mtl_method_kwargs = _as_dict("mtl_method_kwargs", self.mtl_method_kwargs)
         self.task_batch_sizes = _as_dict("task_batch_sizes", self.task_batch_sizes)
@@ -135,7 +138,11 @@ class MultiTaskTrainingArguments(TrainingArguments):
             self.sam = None
         elif self.sam not in list_sharpness():
             raise ValueError(f"`sam` must be one of none, {', '.join(list_sharpness())}; got {self.sam!r}")
-        if not (isinstance(self.sam_rho, (int, float)) and math.isfinite(self.sam_rho) and self.sam_rho > 0):
+        if self.sam_rho is None and self.sam is not None:
+            self.sam_rho = _default_rho(self.sam)
+        if self.sam_rho is not None and not (
+            isinstance(self.sam_rho, (int, float)) and math.isfinite(self.sam_rho) and self.sam_rho > 0
+        ):
             raise ValueError(f"`sam_rho` must be > 0, got {self.sam_rho!r}")
         if not (isinstance(self.sam_eta, (int, float)) and self.sam_eta >= 0):
             raise ValueError(f"`sam_eta` must be >= 0, got {self.sam_eta!r}")
@@ -143,17 +150,22 @@ class MultiTaskTrainingArguments(TrainingArguments):
             self.sam_adaptive = True
 
 
-def _launched_on_cpu_only() -> bool:
-    """Several processes were launched (``WORLD_SIZE`` > 1) and no CUDA, XPU or MPS device is there."""
-    import os
-
+def _has_accelerator() -> bool:
+    """Whether a CUDA, XPU or MPS device is there."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
     has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    return not (torch.cuda.is_available() or has_xpu or has_mps)
+    return torch.cuda.is_available() or has_xpu or has_mps
+
+
+def _default_rho(variant: str) -> float:
+    """The default ρ of a sharpness variant (its constructor's)."""
+    import inspect
+
+    from .sharpness import SHARPNESS
+
+    return float(inspect.signature(SHARPNESS.get(variant).__init__).parameters["rho"].default)
 
 
 def _as_dict(name: str, value: Any) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -329,13 +331,37 @@ def test_sam_perturbs_along_the_objective_of_the_method(text):
         )
         heads = {}
         for i, task in enumerate(TASKS):
-            heads.update(dict(zip([n for n, _ in _head(model, task)], _grad(torch.exp(s[i]) * losses[i], _head(model, task), retain_graph=True))))
+            head = _head(model, task)
+            heads.update(zip([n for n, _ in head], _grad(torch.exp(s[i]) * losses[i], head, retain_graph=True)))
         s_grad = torch.exp(s) * losses.detach() - 1  # ∂/∂s of e^s L - s, at w + e
     method = get_method("imtl", num_tasks=2)
     expected = _split(method.aggregate(rows), shared)
     expected.update(heads)
     _assert_grads(got, expected)
     torch.testing.assert_close(engine.method.s.grad, s_grad, rtol=RTOL, atol=ATOL)
+
+
+def test_sam_with_a_representation_method(text):
+    """MGDA-UB at w + e: MGDA's weights from the per-task gradients at the shared features, backpropagated once."""
+    model, make_batch = text
+    batch = make_batch()
+    got = _run(_engine(model, TASKS, "mgda_ub", "sam", rho=0.5), model, [batch])
+    params, shared = _trainable(model), _shared(model)
+    e = _unit(params, _grad(torch.stack(_losses(model, batch, TASKS)).sum(), params), 0.5)
+    expected = {}
+    with _moved(params, e):
+        outputs = model(batch, return_representations=True)
+        (features,) = outputs.representations.values()
+        losses = [outputs.losses[t] for t in TASKS]
+        rows = torch.stack([torch.autograd.grad(loss, features, retain_graph=True)[0].reshape(-1) for loss in losses])
+        solver = get_method("mgda", num_tasks=2)
+        solver.aggregate(rows)
+        weights = solver.last_weights
+        combined = weights[0] * losses[0] + weights[1] * losses[1]
+        expected.update(zip([n for n, _ in shared], _grad(combined, shared, retain_graph=True)))
+        for loss, task in zip(losses, TASKS):
+            expected.update(zip([n for n, _ in _head(model, task)], _grad(loss, _head(model, task), retain_graph=True)))
+    _assert_grads(got, expected)
 
 
 # ------------------------------------------------------------------------------------------- 2. F-MTL
@@ -379,8 +405,30 @@ def test_fmtl_with_ew_is_the_mean_of_the_per_task_sam_gradients(text):
     assert _distance(got, expected_sam(model, [batch], TASKS, "ew", 0.5)) > 100 * ATOL
 
 
+def test_fmtl_with_a_random_loss_weighting_draws_one_set_of_weights(text):
+    """A linear aggregator with the step's weights λ: AGG(g) + AGG(h) = Σ λ_i g_i^SAM (METHODS.md §1.3, EW)."""
+    model, make_batch = text
+    batch = make_batch()
+    engine = _engine(model, TASKS, "rlw", "fmtl", rho=0.5)
+    got = _run(engine, model, [batch])
+    weights = engine.method.last_weights
+    assert weights is not None and not torch.allclose(weights, torch.full((2,), 0.5))
+    parts = fmtl_reference(model, batch, TASKS, 0.5)
+    expected = _split(weights @ (parts["loss_rows"] + parts["flat_rows"]), _shared(model))
+    expected.update(parts["heads"])
+    _assert_grads(got, expected)
+
+
+def test_fmtl_turns_a_representation_method_into_its_parameter_form(text):
+    """Under F-MTL, MGDA-UB acts on the parameter Jacobian: it is F-MGDA."""
+    model, make_batch = text
+    batch = make_batch()
+    got = _run(_engine(model, TASKS, "mgda_ub", "fmtl", rho=0.5), model, [batch])
+    _assert_grads(got, expected_fmtl(model, [batch], TASKS, "mgda", 0.5))
+
+
 def test_fmtl_adaptive_matches_the_released_code(text):
-    """``sam_adaptive=True, sam_eta=0``: e = ρ w² g / ‖|w| g‖ on every parameter, separate norms (nyuv2 script)."""
+    """``sam_adaptive=True, sam_eta=0``: e = ρ w² g / ‖|w| g‖ on every parameter, separate norms (nyuv2)."""
     model, make_batch = text
     batch = make_batch()
     got = _run(_engine(model, TASKS, "mgda", "fmtl", rho=2.0, adaptive=True, eta=0.0), model, [batch])
@@ -407,6 +455,27 @@ def test_weights_are_restored_bit_for_bit(text, method, variant, options):
     params = _trainable(model)
     e = engine.sharpness.perturbation(params, _grad(torch.stack(_losses(model, batch, TASKS)).sum(), params))
     assert any(not torch.equal((p.detach() + d) - d, p.detach()) for (_, p), d in zip(params, e) if d is not None)
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam", "fmtl"])
+def test_the_graph_at_the_weights_is_freed_before_the_perturbed_passes(text, variant):
+    """Peak memory: an activation of the forward at w is gone when the perturbed forwards run (F-MTL's K
+    per-task backwards at w must not retain the graph through its K perturbed passes)."""
+    model, make_batch = text
+    seen, alive = [], []
+
+    def hook(module, inputs, output):
+        gc.collect()
+        alive.append([ref() is not None for ref in seen])
+        seen.append(weakref.ref(output))
+
+    handle = model.encoders["text"].encoder.layer[0].intermediate.register_forward_hook(hook)
+    try:
+        _run(_engine(model, TASKS, "mgda", variant, rho=0.5), model, [make_batch()])
+    finally:
+        handle.remove()
+    assert len(alive) == (3 if variant == "fmtl" else 2)  # the forward at w, then one per perturbation
+    assert not any(any(flags) for flags in alive[1:]), alive
 
 
 # ------------------------------------------------------------------------------------------- 4. BatchNorm
@@ -441,7 +510,7 @@ def test_batch_norm_statistics_update_once_per_step(vision_bn, variant, method):
 
 
 def test_frozen_batch_norm_normalises_with_batch_statistics(vision_bn):
-    """Inside `frozen_batch_norm` a train-mode forward gives the same output as an ordinary one, and no statistic moves."""
+    """Inside `frozen_batch_norm` a train-mode forward gives an ordinary forward's output; no statistic moves."""
     model, make_batch = vision_bn
     batch = make_batch()
     start = copy.deepcopy(model.state_dict())
@@ -489,7 +558,8 @@ def test_bf16_training_runs(tmp_path, trec_sample, trec_tokenizer, variant, meth
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
     assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n.startswith("heads."))
-    assert not torch.equal(model.encoders["text"].embeddings.LayerNorm.weight.detach(), before["encoders.text.embeddings.LayerNorm.weight"])
+    name = "encoders.text.embeddings.LayerNorm.weight"
+    assert not torch.equal(dict(model.named_parameters())[name].detach(), before[name])
 
 
 # ----------------------------------------------------------------------------------------------- 6. fp16
@@ -545,10 +615,12 @@ def test_grad_scaler_unscales_once_and_skips_a_non_finite_step(vision_bn, varian
     optimizer = torch.optim.SGD(params, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     engine = _engine(model, VISION_TASKS, method, variant, rho=0.5)
+    # the scale a trainer reads: `scaler.scale` also creates the scaler's state, which `unscale_` / `step` need
+    grad_scale = float(scaler.scale(torch.ones(())))
     weights = {n: p.detach().clone() for n, p in _trainable(model)}
 
     optimizer.zero_grad(set_to_none=True)
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0, grad_scale=scaler.get_scale())
+    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0, grad_scale=grad_scale)
     engine.finalize(0)
     scaler.unscale_(optimizer)
     with pytest.raises(RuntimeError, match="unscale_"):
@@ -564,13 +636,52 @@ def test_grad_scaler_unscales_once_and_skips_a_non_finite_step(vision_bn, varian
     # a NaN loss: the step is skipped and the scale backs off
     stepped = {n: p.detach().clone() for n, p in _trainable(model)}
     optimizer.zero_grad(set_to_none=True)
-    engine.micro_step(model, _nan_batch(make_batch), scale=1.0, step=1, micro_index=0, grad_scale=scaler.get_scale())
+    grad_scale = float(scaler.scale(torch.ones(())))
+    engine.micro_step(model, _nan_batch(make_batch), scale=1.0, step=1, micro_index=0, grad_scale=grad_scale)
     engine.finalize(1)
     scaler.step(optimizer)
     scaler.update()
     assert scaler.get_scale() == 2.0**9
     for name, p in _trainable(model):
         assert torch.equal(p.detach(), stepped[name]), name
+
+
+def _text_trainer(tmp_path, trec_sample, trec_tokenizer, name, **overrides):
+    tasks = [
+        Task("coarse", encoder="text", num_labels=6),
+        Task("fine", encoder="text", num_labels=trec_sample["train"].features["fine"].num_classes),
+    ]
+    model = MultiTaskModel.from_encoders(
+        {"text": tiny_text_encoder(trec_tokenizer.vocab_size, dropout=0.0)}, tasks, head_dropout=0.0
+    )
+    options = dict(
+        output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=8, learning_rate=0.5, optim="sgd",
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+        dataloader_pin_memory=False, use_cpu=True,
+    )
+    options.update(overrides)
+    data = {"coarse": trec_sample["train"].select(range(64)), "fine": trec_sample["train"].select(range(64))}
+    return MultiTaskTrainer(
+        model=no_dropout(model), args=MultiTaskTrainingArguments(**options), train_dataset=data,
+        processing_class={"text": trec_tokenizer},
+    )
+
+
+def test_trainer_fp16_grad_scaler_path_matches_the_unscaled_run(tmp_path, trec_sample, trec_tokenizer):
+    """The Trainer's own fp16 path: Accelerate's GradScaler (given here by hand, since Accelerate makes none on a
+    CPU) scales the engine's backward, unscales once and steps; the weights match a run without a scaler.
+
+    No clipping: on a CPU Accelerate's `clip_grad_norm_` does not unscale (its mixed precision is "no"), so the
+    scaler's one `unscale_` happens in `scaler.step`."""
+    options = dict(mtl_method="mgda", sam="fmtl", sam_rho=0.5, max_grad_norm=0.0)
+    plain = _text_trainer(tmp_path, trec_sample, trec_tokenizer, "plain", **options)
+    plain.train()
+    scaled = _text_trainer(tmp_path, trec_sample, trec_tokenizer, "scaled", **options)
+    scaled.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what Accelerate builds for fp16
+    scaled.train()
+    assert scaled.accelerator.scaler.get_scale() == 2.0**10  # no step was skipped
+    for (name, a), (_, b) in zip(scaled.model.named_parameters(), plain.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------- 7. gradient accumulation
