@@ -126,11 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides, training=given)
         training_args = recipes.training_arguments(recipe)
         _check_output_dir(training_args)
+        output_existed = bool(training_args.output_dir) and os.path.exists(training_args.output_dir)
         trainer = recipes.build_trainer(recipe, training_args)
     except ValueError as error:
         print(f"hf-mtl: error: {error}", file=sys.stderr)
         return 2
     if args.command == "check":
+        output_dir = training_args.output_dir
+        if output_dir and not output_existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)  # the Trainer makes `output_dir` when it is built; a check leaves no trace
         print(f"recipe {args.recipe}: {len(trainer.tasks)} tasks ({', '.join(trainer.tasks)}), method {trainer.args.mtl_method}: OK")
         return 0
     try:

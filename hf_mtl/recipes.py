@@ -265,7 +265,9 @@ class Recipe:
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Applies one ``dotted.key=value`` override in place; tasks are addressed by name (``tasks.digit.head``).
 
-    A bare training-argument name (``max_steps=5``) is read as ``training.max_steps``.
+    A bare training-argument name (``max_steps=5``) is read as ``training.max_steps``. A field of an encoder or
+    data key that the recipe lacks is refused as a typo (``encoders.txt.freeze``); a new one is given whole
+    (``data.mine={loader: trec}``).
     """
     if "=" not in override:
         raise ValueError(f"`--set` takes key=value, got {override!r}")
@@ -358,8 +360,8 @@ def _check_training(training: Mapping[str, Any]) -> dict[str, Any]:
         try:
             converted[key] = convert(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-            kind = getattr(convert, "__name__", "value")
-            raise ValueError(f"training.{key} must be a {kind}, got {value!r}: {error}") from error
+            kind = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}.get(convert.__name__, "valid")
+            raise ValueError(f"training.{key} must be {kind}, got {value!r}") from error
     return converted
 
 
@@ -553,6 +555,13 @@ def build_trainer(recipe: Recipe, args: Any | None = None) -> Any:
             eval_sets[entry["name"]] = evaluation
     encoders = {key: build_encoder(key, spec) for key, spec in recipe.encoders.items()}
     processors = {key: p for key, spec in recipe.encoders.items() if (p := build_processor(key, spec)) is not None}
+    for key, encoder in encoders.items():
+        reads = getattr(encoder, "main_input_name", None)
+        if key not in processors and reads not in ("pixel_values", "input_values"):
+            raise ValueError(
+                f"encoders.{key}: the encoder reads `{reads}`, so it needs a `processor`: a folder holding its tokenizer "
+                "(pkg:// allowed), or {class: <transformers class>, ...options}"
+            )
     collators = {
         key: collator
         for key, spec in recipe.encoders.items()

@@ -153,6 +153,14 @@ def test_single_task_call_and_inference_without_labels(trec_tokenizer, real_batc
     torch.testing.assert_close(unlabelled.logits["coarse"], whole.logits["coarse"])
     torch.testing.assert_close(single.losses["coarse"], whole.losses["coarse"])
     assert whole.loss == pytest.approx(torch.stack(list(whole.losses.values())).mean().item())
+    images = {k: v for k, v in real_batch["handwritten+shape"].items() if k != "labels"}
+    with torch.no_grad():
+        by_key = model({"coarse": text, "handwritten+shape": images})
+    assert sorted(by_key.logits) == ["coarse", "handwritten", "shape"] and not by_key.losses
+    with pytest.raises(ValueError, match=r"sub-batch 'x' has no `labels` and its key names no task"):
+        model({"x": text, "handwritten": images}, tasks=["coarse"])
+    with pytest.raises(ValueError, match=r"`tasks` names unknown task\(s\) \['colour'\]; the model's tasks are: coarse, tokens"):
+        model({"coarse": text}, tasks=["colour"])
 
 
 # ---------------------------------------------------------------------------------------------- partial labels

@@ -312,6 +312,10 @@ class MultiTaskModel(PreTrainedModel):
 
         Either a multi-task ``batch`` (group key -> sub-batch with encoder inputs and a ``labels``
         mapping), or single-task keyword inputs: ``model(task="digit", input_values=..., labels=...)``.
+
+        The heads run on a sub-batch are those of the tasks it has labels for, else those its key names
+        (``"digit+speaker"``); ``tasks=[...]`` keeps only the ones listed, and gives the tasks of a lone
+        sub-batch whose key names none (``model({"x": inputs}, tasks=["coarse"])``).
         """
         if batch is None:
             if task is None:
@@ -325,18 +329,34 @@ class MultiTaskModel(PreTrainedModel):
         logits: dict[str, Tensor] = {}
         representations: dict[str, Tensor] = {}
         requested = list(tasks) if tasks is not None else None
+        if requested is not None:
+            unknown = [n for n in requested if n not in self.tasks]
+            if unknown:
+                raise ValueError(f"`tasks` names unknown task(s) {unknown}; the model's tasks are: {', '.join(self.tasks)}")
         for group_key, sub_batch in batch.items():
             group_labels = sub_batch.get("labels") or {}
             if not isinstance(group_labels, Mapping):
                 raise ValueError(f"sub-batch {group_key!r}: `labels` must map task names to tensors")
-            names = list(group_labels) if group_labels else [n for n in (requested or []) if n in self._group_tasks(group_key)]
-            if requested is not None:
-                names = [n for n in names if n in requested] or [n for n in requested if n in self._group_tasks(group_key)]
-            if not names:
-                continue
-            unknown = [n for n in names if n not in self.tasks]
+            unknown = [n for n in group_labels if n not in self.tasks]
             if unknown:
                 raise ValueError(f"unknown task(s) {unknown}; the model's tasks are: {', '.join(self.tasks)}")
+            named = self._group_tasks(group_key)
+            # the tasks of a sub-batch: those it has labels for, else those its key names
+            # ("digit+speaker"), else (one sub-batch) the requested ones
+            candidates = list(dict.fromkeys([*group_labels, *named]))
+            if requested is not None:
+                if not candidates and len(batch) == 1:
+                    candidates = list(requested)
+                names = [n for n in candidates if n in requested]
+            else:
+                names = list(group_labels) or named
+            if not candidates:
+                raise ValueError(
+                    f"sub-batch {group_key!r} has no `labels` and its key names no task: key sub-batches by their "
+                    f"tasks ('task_a+task_b'), or pass one sub-batch with `tasks=[...]`; the tasks are: {', '.join(self.tasks)}"
+                )
+            if not names:
+                continue
             encoder_keys = {self.tasks[n].encoder for n in names}
             if len(encoder_keys) != 1:
                 raise ValueError(f"sub-batch {group_key!r} mixes tasks of different encoders: {sorted(encoder_keys)}")
