@@ -6,7 +6,6 @@ Nothing here is part of the `hf_mtl` package; the benchmark scripts import it fr
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -86,21 +85,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def limit_malloc_caching() -> None:
-    """Makes glibc return large freed blocks to the OS at once (a fixed mmap threshold of 64 KiB).
-
-    Without it glibc raises its mmap threshold after each large free and keeps later blocks on its heap,
-    so the resident set stops following the live tensors and the peaks of later steps hide. Linux/glibc
-    only; elsewhere a no-op.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 64 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
 # ---------------------------------------------------------------------------------------------- timing
 def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
@@ -109,20 +93,29 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 class StepClock:
-    """Wall time of each training step (device synchronised at both ends)."""
+    """Wall time and process CPU time of each training step (device synchronised at both ends).
+
+    On a CPU shared with other processes the wall time of a step grows with their load; the CPU time of
+    this process (all its threads, user + system) does not, as long as it runs on a fixed number of
+    threads, so it is the steadier measure there. With CUDA, wall time is the measure.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.sync = synchronizer(device)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self._start = 0.0
+        self._cpu_start = 0.0
 
     def start(self) -> None:
         self.sync()
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def stop(self) -> None:
         self.sync()
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
     def summary(self, warmup: int) -> dict[str, Any]:
         """Median, mean and spread of the steps after the first ``warmup`` ones, in milliseconds."""
@@ -130,11 +123,15 @@ class StepClock:
         if not measured:
             raise ValueError(f"no step was measured: {len(self.times)} steps ran, {warmup} of them warm-up")
         ms = [1000.0 * t for t in measured]
+        cpu_ms = [1000.0 * t for t in self.cpu_times[warmup:]]
         return {
             "median_ms": statistics.median(ms),
             "mean_ms": statistics.fmean(ms),
             "min_ms": min(ms),
             "max_ms": max(ms),
+            "cpu_median_ms": statistics.median(cpu_ms),
+            "cpu_min_ms": min(cpu_ms),
+            "cpu_max_ms": max(cpu_ms),
             "steps": len(ms),
             "warmup": warmup,
         }
@@ -181,8 +178,9 @@ class MemoryProbe:
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors on the device). CPU: the process's resident set
     (``VmHWM`` of ``/proc/self/status``, its peak reset at `start` through ``/proc/self/clear_refs``),
-    which counts every allocation, numpy's and the solvers' included. Both report the absolute peak and
-    the peak above the level at `start` (``above_start_mib``: optimizer state, gradients, activations,
+    which counts every allocation, numpy's and the solvers' included, as the operating system sees it
+    (memory that the allocator keeps after a free stays counted). Both report the absolute peak and the
+    peak above the level at `start` (``above_start_mib``: optimizer state, gradients, activations,
     Jacobians and the method's buffers, all created after `start`).
     """
 

@@ -26,9 +26,9 @@ work (clipping included) in the same order. The table gives the median over ``--
 Then, for the methods that two libraries define the same way, the updates are compared on the same
 Jacobians (random ones and one of the real model): max |difference| relative to max |update|.
 
-    python benchmarks/bench_step.py                       # MiniLM, CPU or CUDA, default methods
-    python benchmarks/bench_step.py --model tiny --steps 5 --methods ew,pcgrad,upgrad
-    python benchmarks/bench_step.py --output benchmarks/results/step_cpu.json
+    python benchmarks/bench_step.py                       # tiny BERT, default methods, ~2 min on 1 CPU thread
+    python benchmarks/bench_step.py --model minilm --batch-size 16 --steps 5 --warmup 2   # ~9 min on 1 CPU thread
+    python benchmarks/bench_step.py --methods ew,pcgrad,upgrad --peers torchjd --output /tmp/step.json
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def contenders(methods: list[str], peer_libraries: set[str], task_count: int) ->
         key = "imtl" if spec == "imtl_g" else spec
         if "torchjd" in peer_libraries and key in peers.TORCHJD_AGGREGATORS:
             items.append((f"torchjd:{spec}", "torchjd", spec))
-        if "libmtl" in peer_libraries and key in peers.LIBMTL_WEIGHTINGS:
-            if key == "cagrad" and task_count != 3:
+        if "libmtl" in peer_libraries and spec in peers.LIBMTL_WEIGHTINGS:  # LibMTL's IMTL is the hybrid only
+            if spec == "cagrad" and task_count != 3:
                 continue  # LibMTL 1.1.5's CAGrad hard-codes 3 tasks (x.reshape(1, 3))
             items.append((f"libmtl:{spec}", "libmtl", spec))
     return items
@@ -218,7 +218,6 @@ def run_loop(
 def run_contender(cfg: Config, name: str, library: str, spec: str | None) -> Result:
     """Builds the model and batches, then runs one contender; memory is measured from after the model is
     built (so optimizer state, gradients, activations and any method buffers count)."""
-    common.limit_malloc_caching()
     device = torch.device(cfg.device)
     common.set_threads(cfg.threads)
     result = Result(name=name, library=library, method=spec)
@@ -397,7 +396,8 @@ def _time_call(fn: Any, matrix: torch.Tensor, repeats: int = 3) -> float:
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["minilm", "tiny"], default="minilm")
+    parser.add_argument("--model", choices=["minilm", "tiny"], default="tiny",
+                        help="tiny: a 2-layer BERT from a config (fast); minilm: the pretrained all-MiniLM-L6-v2")
     parser.add_argument("--tasks", default="coarse,fine,qword", help="comma-separated, from coarse, fine, qword")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, 4 with CUDA)")
@@ -408,6 +408,8 @@ def main() -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"hf_mtl methods, METHOD[+sam|asam|fmtl] (default {DEFAULT_METHODS})")
     parser.add_argument("--peers", default="torchjd,libmtl", help="peer libraries to run: torchjd, libmtl, or none")
     parser.add_argument("--data-dir", default=None, help="folder with trec/ (default ../shared/data, else hf_mtl's sample)")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default=None,
+                        help="the measure ratios use: process CPU time (default on CPU: steady under other load) or wall time (default with CUDA)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the whole plan this many times (alternating order) and keep each contender's best round")
     parser.add_argument("--no-isolate", action="store_true", help="run every contender in this process (memory then not comparable)")
@@ -418,6 +420,7 @@ def main() -> None:
 
     device = common.pick_device(options.device)
     threads = options.threads if options.threads is not None else (1 if device.type == "cpu" else 4)
+    timer = options.timer or ("cpu" if device.type == "cpu" else "wall")
     cfg = Config(
         model=options.model, tasks=tuple(t for t in options.tasks.split(",") if t), device=str(device), threads=threads,
         steps=options.steps, warmup=options.warmup, batch_size=options.batch_size, seq_len=options.seq_len,
@@ -432,11 +435,12 @@ def main() -> None:
     methods = [m for m in options.methods.split(",") if m]
     plan = contenders(methods, peer_libraries, len(cfg.tasks))
     machine = common.machine_info(device, common.set_threads(threads))
-    print(f"device {device}, torch threads {threads}, load average {machine['load_average']}, {machine['cpu']}")
+    print(f"device {device}, torch threads {threads}, ratios on {timer} time, load average {machine['load_average']}, {machine['cpu']}")
     print(f"model {cfg.model}, tasks {', '.join(cfg.tasks)}, batch {cfg.batch_size} x {cfg.seq_len} tokens, "
           f"{cfg.warmup} warm-up + {cfg.steps} measured steps, {len(plan)} contenders")
 
     results: dict[str, Result] = {}
+    key = "cpu_median_ms" if timer == "cpu" else "median_ms"
     started = time.time()
     for round_index in range(options.rounds):
         order = plan if round_index % 2 == 0 else plan[::-1]
@@ -444,13 +448,14 @@ def main() -> None:
             print(f"round {round_index + 1}/{options.rounds} (load average {[round(x, 2) for x in os.getloadavg()]})")
         for name, library, spec in order:
             result = run_contender(cfg, name, library, spec) if options.no_isolate else run_isolated(cfg, name, library, spec)
-            status = f"{result.timing['median_ms']:.1f} ms" if result.timing else f"FAILED {result.error}"
+            status = (f"{result.timing['median_ms']:.1f} ms wall, {result.timing['cpu_median_ms']:.1f} ms CPU"
+                      if result.timing else f"FAILED {result.error}")
             print(f"  {name:<24} {status}", flush=True)
-            results[name] = best_of(results.get(name), result)
+            results[name] = best_of(results.get(name), result, key)
     elapsed = time.time() - started
     results = [results[name] for name, _, _ in plan]
 
-    table, rows = summarise(results)
+    table, rows = summarise(results, timer)
     print()
     print(table)
     agreement = [] if options.no_agreement else check_agreement(cfg, with_real=True)
@@ -467,47 +472,53 @@ def main() -> None:
     print(f"\nload average after: {machine['load_average_after']}; contenders took {elapsed:.0f} s")
     common.write_json(options.output, {
         "benchmark": "bench_step", "config": asdict(cfg), "machine": machine, "isolated": not options.no_isolate,
-        "rounds": options.rounds,
+        "rounds": options.rounds, "timer": timer,
         "rows": rows, "results": [asdict(r) for r in results], "agreement": agreement, "table": table,
     })
 
 
-def best_of(previous: Result | None, new: Result) -> Result:
-    """Across rounds: the round with the lowest median (the least disturbed by other processes); every
-    round's median is kept in ``timing["round_medians_ms"]``."""
+def best_of(previous: Result | None, new: Result, key: str) -> Result:
+    """Across rounds: the round with the lowest ``key`` median (the least disturbed by other processes);
+    every round's medians are kept in ``timing["rounds"]``."""
+    record = [{"median_ms": new.timing["median_ms"], "cpu_median_ms": new.timing["cpu_median_ms"]}] if new.timing else []
     if previous is None:
         if new.timing:
-            new.timing["round_medians_ms"] = [new.timing["median_ms"]]
+            new.timing["rounds"] = record
         return new
-    rounds = previous.timing.get("round_medians_ms", []) + ([new.timing["median_ms"]] if new.timing else [])
-    best = new if new.timing and (not previous.timing or new.timing["median_ms"] < previous.timing["median_ms"]) else previous
+    rounds = previous.timing.get("rounds", []) + record
+    best = new if new.timing and (not previous.timing or new.timing[key] < previous.timing[key]) else previous
     if best.timing:
-        best.timing["round_medians_ms"] = rounds
+        best.timing["rounds"] = rounds
     return best
 
 
-def summarise(results: list[Result]) -> tuple[str, list[dict[str, Any]]]:
-    """The table: median step time, ratio to the plain Trainer, ratio to each peer with the same method, peak memory."""
+def summarise(results: list[Result], timer: str) -> tuple[str, list[dict[str, Any]]]:
+    """The table: median step time (wall and CPU), ratios to the plain Trainer and to each peer with the
+    same method (on the ``timer`` measure), peak memory."""
+    key = "cpu_median_ms" if timer == "cpu" else "median_ms"
     by_name = {r.name: r for r in results}
     base = by_name.get("trainer")
-    base_ms = base.timing.get("median_ms") if base and base.timing else None
+    base_ms = base.timing.get(key) if base and base.timing else None
     rows = []
     for r in results:
-        ms = r.timing.get("median_ms") if r.timing else None
-        row: dict[str, Any] = {"name": r.name, "median_ms": ms, "vs_trainer": None, "vs_torchjd": None, "vs_libmtl": None,
-                               "peak_mib": r.memory.get("peak_mib"), "step_mem_mib": r.memory.get("above_start_mib"), "error": r.error}
+        ms = r.timing.get(key) if r.timing else None
+        row: dict[str, Any] = {
+            "name": r.name, "median_ms": r.timing.get("median_ms"), "cpu_median_ms": r.timing.get("cpu_median_ms"),
+            "vs_trainer": None, "vs_torchjd": None, "vs_libmtl": None,
+            "peak_mib": r.memory.get("peak_mib"), "step_mem_mib": r.memory.get("above_start_mib"), "error": r.error,
+        }
         if ms is not None and base_ms:
             row["vs_trainer"] = ms / base_ms
         if r.library == "hf_mtl" and ms is not None and "+" not in (r.method or ""):
             for peer in ("torchjd", "libmtl"):
                 other = by_name.get(f"{peer}:{r.method}")
                 if other is not None and other.timing:
-                    row[f"vs_{peer}"] = ms / other.timing["median_ms"]
+                    row[f"vs_{peer}"] = ms / other.timing[key]
         rows.append(row)
-    headers = ["contender", "step ms (median)", "x Trainer", "x TorchJD", "x LibMTL", "peak MiB", "step MiB"]
+    headers = ["contender", "wall ms", "CPU ms", f"x Trainer ({timer})", "x TorchJD", "x LibMTL", "peak MiB", "step MiB"]
     table = common.format_table(headers, [
-        [row["name"], row["median_ms"] if row["median_ms"] is not None else f"failed: {str(row['error'])[:60]}", row["vs_trainer"],
-         row["vs_torchjd"], row["vs_libmtl"], row["peak_mib"], row["step_mem_mib"]]
+        [row["name"], row["median_ms"] if row["median_ms"] is not None else f"failed: {str(row['error'])[:60]}",
+         row["cpu_median_ms"], row["vs_trainer"], row["vs_torchjd"], row["vs_libmtl"], row["peak_mib"], row["step_mem_mib"]]
         for row in rows
     ])
     return table, rows

@@ -185,9 +185,16 @@ class MultiTaskEngine:
         self.plain_named += self.partition.method
         self.plain_params = [p for _, p in self.plain_named]
         self._plain_index = {id(p): i for i, p in enumerate(self.plain_params)}
-        num_rows = len(self.task_names) * (sharpness.rows_per_task if sharpness is not None else 1)
-        if not self.uses_jacobian:
-            num_rows = 0
+        # Jacobian rows only for the tasks that reach a shared parameter: a task whose encoder no other task reads
+        # (its row would be zero) keeps its own gradient and stays out of the method, which would otherwise
+        # count a zero row (MGDA's minimum norm would be that zero row)
+        shared_names = {name for name, _ in self.partition.shared}
+        reached = model.task_parameter_names()
+        self.row_tasks = (
+            [t for t in self.task_names if shared_names.intersection(reached[t])] if self.uses_jacobian else []
+        )
+        self.row_index = {task: i for i, task in enumerate(self.row_tasks)}
+        num_rows = len(self.row_tasks) * (sharpness.rows_per_task if sharpness is not None else 1)
         device = next(model.parameters()).device
         self.buffer = GradientBuffer(num_rows, self.row_params, self.plain_params, len(self.task_names), device)
         self.update = torch.zeros(self.buffer.row_size, dtype=torch.float32, device=device)
@@ -238,8 +245,14 @@ class MultiTaskEngine:
         return names, transformed, ids
 
     def task_inputs(self, task: str) -> list[nn.Parameter]:
-        """What one task's backward differentiates: the Jacobian columns, its own parameters, the method's."""
-        return self.row_params + [p for _, p in self.partition.private[task]] + [p for _, p in self.partition.method]
+        """What one task's backward differentiates: the Jacobian columns (if it has a row), its own parameters,
+        the method's."""
+        columns = self.row_params if task in self.row_index else []
+        return columns + [p for _, p in self.partition.private[task]] + [p for _, p in self.partition.method]
+
+    def row(self, task: str, flat: bool = False) -> int:
+        """The buffer row of ``task``'s gradient (F-MTL: ``flat=True`` for its flat-gradient row)."""
+        return self.row_index[task] + (len(self.row_tasks) if flat else 0)
 
     def objective_gradients(self, losses: Mapping[str, Tensor], generator: torch.Generator | None) -> list[Tensor | None]:
         """Gradient of the scalar training objective w.r.t. every model parameter (``model_params`` order).
@@ -286,8 +299,9 @@ class MultiTaskEngine:
                 retain_graph=position < len(names) - 1,
                 allow_unused=True,
             )
-            num_shared = len(self.row_params)
-            self.add_row(row_offset + self.task_ids[task], grads[:num_shared], scale)
+            num_shared = len(self.row_params) if task in self.row_index else 0
+            if num_shared:
+                self.add_row(row_offset + self.row_index[task], grads[:num_shared], scale)
             self.add_plain(inputs[num_shared:], grads[num_shared:], scale)
 
     def add_row(self, row: int, grads: list[Tensor | None] | tuple, scale: float) -> None:
@@ -401,29 +415,42 @@ class MultiTaskEngine:
             self._log_sums[self.task_names[index]][0] += float(mean_losses[position])
             self._log_sums[self.task_names[index]][1] += 1.0
         self._assign_plain_grads()
-        if self.uses_jacobian:
+        counts = buffer.loss_counts.tolist()
+        row_present = [t for t in self.row_tasks if counts[self.task_ids[t]] > 0]
+        if row_present:
             method_grads = [None if p.grad is None else p.grad.clone() for _, p in self.partition.method]
             generator = step_generator(self.seed, _METHOD_SALT, step, -1)
-            self._combine_rows(present, ids, mean_losses, generator)
-            self._record_weights([self.task_names[i] for i in present.tolist()])
+            positions = [self.row_index[t] for t in row_present]
+            row_ids = torch.tensor([self.task_ids[t] for t in row_present], device=present.device)
+            row_losses = torch.stack([mean_losses[(present == i).nonzero()[0, 0]] for i in row_ids.tolist()])
+            self._combine_rows(positions, row_ids if len(row_present) < len(self.task_names) else None, row_losses, generator)
+            self._record_weights(row_present)
             _rescale_method_grads(self.partition.method, method_grads, self.grad_scale)
             for p, view in zip(self.row_params, self.update_views):
                 p.grad = view if p.dtype == torch.float32 else view.to(p.dtype)
+        else:
+            for p in self.row_params:
+                p.grad = None
         self._window_open = False
 
-    def _combine_rows(self, present: Tensor, ids: Tensor | None, losses: Tensor, generator: torch.Generator) -> None:
-        num_tasks = len(self.task_names)
+    def _combine_rows(
+        self, positions: list[int], ids: Tensor | None, losses: Tensor, generator: torch.Generator
+    ) -> None:
+        """Combines the rows at ``positions`` (the tasks with a row present in the window; global ``ids``)."""
+        num_rows = len(self.row_tasks)
         rows = self.buffer.rows
         if self.grad_scale != 1.0:
             rows.div_(self.grad_scale)
-        if not torch.isfinite(rows).all():
+        if not torch.isfinite(rows.sum()):  # an inf or NaN anywhere makes the sum non-finite; no K x P temporary
             self.update.fill_(float("nan"))  # the GradScaler sees it and skips the step
             return
-        loss_rows = rows[:num_tasks] if ids is None else rows[present]
+        every = positions == list(range(num_rows))
+        index = torch.tensor(positions, device=rows.device)
+        loss_rows = rows[:num_rows] if every else rows[index]
         state = generator.get_state()  # F-MTL: the flat rows get the same random draws (RLW's weights)
         update = self.method.aggregate(loss_rows, losses=losses, task_ids=ids, generator=generator)
         if self.flat_method is not None:
-            flat_rows = rows[num_tasks:] if ids is None else rows[num_tasks + present]
+            flat_rows = rows[num_rows:] if every else rows[num_rows + index]
             # a method with parameters combines the flat rows too (F-MTL's "same aggregator"), but only the loss
             # rows train its parameters (GradNorm would otherwise get a second gradient from the flat rows)
             saved = [None if p.grad is None else p.grad.clone() for _, p in self.partition.method]

@@ -278,7 +278,8 @@ class FMTL(Sharpness):
                 retain_graph=position < len(names) - 1,  # the K perturbed passes must not hold the graph at θ
                 allow_unused=True,
             )
-            engine.add_row(engine.task_ids[task], grads[:num_shared], scale)
+            if task in engine.row_index:
+                engine.add_row(engine.row(task), grads[:num_shared], scale)
             engine.add_plain(method_params, grads[num_shared + len(private) :], scale)
             at_theta.append((task, grads[: num_shared + len(private)]))
         if method_params and not engine.method.requires_jacobian:
@@ -306,7 +307,8 @@ class FMTL(Sharpness):
                 None if s is None and g is None else (s if s is not None else 0) - (g if g is not None else 0)
                 for s, g in zip(sam_grads[:num_shared], shared_grads)
             ]
-            engine.add_row(num_tasks + engine.task_ids[task], flat, scale)
+            if task in engine.row_index:
+                engine.add_row(engine.row(task, flat=True), flat, scale)
             engine.add_plain(private, sam_grads[num_shared:], scale)
         return detached
 

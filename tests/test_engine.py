@@ -79,7 +79,9 @@ def test_parameter_partition(setup):
     assert shared and all(name.startswith("encoders.text.") for name in shared)
     assert all(name.startswith(("encoders.vision.", "heads.handwritten.")) for name, _ in engine.partition.private["handwritten"])
     assert all(name.startswith("heads.coarse.") for name, _ in engine.partition.private["coarse"])
-    assert engine.buffer.rows.shape == (3, sum(p.numel() for _, p in engine.partition.shared))
+    # only the tasks that reach a shared parameter have a Jacobian row
+    assert engine.row_tasks == ["coarse", "fine"]
+    assert engine.buffer.rows.shape == (2, sum(p.numel() for _, p in engine.partition.shared))
 
 
 def test_jacobian_rows_update_and_private_gradients(setup):
@@ -94,7 +96,7 @@ def test_jacobian_rows_update_and_private_gradients(setup):
     grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
 
     _, direct = _direct(model, batch, shared)
-    jacobian = torch.stack([_flat(direct[t]) for t in TASKS[:2]] + [torch.zeros(rows.shape[1])])
+    jacobian = torch.stack([_flat(direct[t]) for t in TASKS[:2]])
     torch.testing.assert_close(rows, jacobian, rtol=1e-5, atol=1e-7)
     expected = get_method("pcgrad").aggregate(jacobian, generator=step_generator(7, _METHOD_SALT, 3, -1))
     got = torch.cat([grads[n].reshape(-1) for n, _ in engine.partition.shared])
@@ -136,7 +138,7 @@ def test_accumulation_combines_the_summed_rows_once(setup):
     shared = engine.row_params
     _, g1 = _direct(model, first, shared)
     _, g2 = _direct(model, second, shared)
-    rows = torch.stack([0.5 * (_flat(g1[t]) + _flat(g2[t])) for t in TASKS[:2]] + [torch.zeros(got.numel())])
+    rows = torch.stack([0.5 * (_flat(g1[t]) + _flat(g2[t])) for t in TASKS[:2]])
     assert len(calls) == 1
     torch.testing.assert_close(calls[0], rows, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got, get_method("upgrad").aggregate(rows), rtol=1e-5, atol=1e-7)
@@ -144,6 +146,20 @@ def test_accumulation_combines_the_summed_rows_once(setup):
     _, h1 = _direct(model, first, [head])
     _, h2 = _direct(model, second, [head])
     torch.testing.assert_close(head.grad, 0.5 * (h1["coarse"][0] + h2["coarse"][0]), rtol=1e-5, atol=1e-7)
+
+
+def test_a_task_that_shares_nothing_stays_out_of_the_method(setup):
+    """The vision task reaches no shared parameter: a zero row would be MGDA's minimum-norm point (a zero update)."""
+    model, make_batch = setup
+    batch = make_batch()
+    engine = _engine(model, "mgda")
+    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
+    engine.finalize(step=0)
+    update = torch.cat([p.grad.reshape(-1) for p in engine.row_params])
+    _, direct = _direct(model, batch, engine.row_params)
+    jacobian = torch.stack([_flat(direct[t]) for t in TASKS[:2]])
+    torch.testing.assert_close(update, get_method("mgda").aggregate(jacobian), rtol=1e-5, atol=1e-7)
+    assert update.norm() > 0 and engine.method.last_weights.numel() == 2
 
 
 def test_a_window_without_some_tasks_combines_the_present_ones(setup):
@@ -240,5 +256,7 @@ def test_logs_average_losses_and_weights(setup):
     logs = engine.pop_logs()
     for task in TASKS:
         assert logs[f"loss/{task}"] == pytest.approx((losses[0][task] + losses[1][task]) / 2, rel=1e-5)
-    assert sum(logs[f"weight/{t}"] for t in TASKS) == pytest.approx(1.0, abs=1e-5)  # IMTL-G weights sum to 1
+    # IMTL-G weights of the tasks with a Jacobian row sum to 1; the vision task has no row, so no weight
+    assert sum(logs[f"weight/{t}"] for t in TASKS[:2]) == pytest.approx(1.0, abs=1e-5)
+    assert "weight/handwritten" not in logs
     assert engine.pop_logs() == {}
