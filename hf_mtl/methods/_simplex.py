@@ -9,12 +9,20 @@ of MGDA's reference solver; it is hf_mtl's only simplex projection (NumPy caller
 ``num_tasks`` tasks act on the tasks present in a step (a sampler may leave some out): the present
 entries are renormalised to the simplex, updated, and written back with their previous total mass, so
 that the absent tasks keep their share. With every task present this is the plain update.
+``step_simplex_state`` does the whole round trip for a simplex vector kept in a lazy buffer (MoDo,
+SDMGrad).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .base import GradientMethod
 
 
 def project_onto_simplex(vector: Tensor) -> Tensor:
@@ -47,3 +55,23 @@ def store_simplex_subset(weights: Tensor, index: Tensor, subset: Tensor, mass: T
     """Writes the simplex vector ``subset`` back at ``index`` with the total ``mass`` it had (in place)."""
     scale = mass if mass > 0 else torch.as_tensor(index.numel() / weights.numel(), dtype=weights.dtype)
     weights[index] = (subset * scale).to(weights.dtype)
+
+
+def step_simplex_state(
+    method: GradientMethod, name: str, num_rows: int, task_ids: Tensor | None, step: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Applies ``step`` to the simplex vector that ``method`` keeps over its tasks in the lazy buffer
+    ``name`` (one entry per task, uniform at the start), for the ``num_rows`` tasks of a call.
+
+    On the CPU (the K-sized solve is sequential): the present tasks' entries renormalised to the simplex
+    (`simplex_subset`), ``step`` maps them to their new value on the simplex, which is written back with
+    their previous mass (`store_simplex_subset`). Returns the new value, ``step``'s output.
+    """
+    index = method.resolve_task_index(num_rows, task_ids, torch.device("cpu"))
+    state = method.lazy_buffer(name, (method.num_tasks,), 1.0 / method.num_tasks)
+    task_weights = state.cpu()
+    weights, mass = simplex_subset(task_weights, index)
+    weights = step(weights)
+    store_simplex_subset(task_weights, index, weights, mass)
+    state.copy_(task_weights)
+    return weights

@@ -1,7 +1,9 @@
-"""Small K x K solvers shared by the Gramian methods (MGDA, CAGrad, Nash-MTL, FairGrad, UPGrad, DualProj).
+"""Small K x K solvers shared by the Gramian methods (MGDA, CAGrad, Nash-MTL, FairGrad, UPGrad, DualProj,
+ConFIG, IMTL).
 
 Everything here works on NumPy float64 arrays: the Gramian is tiny (K x K), the solvers are
 sequential, and SciPy / quadprog take NumPy input. Each method module converts at its boundary.
+The exception is `cosine_pseudoinverse` (ConFIG, IMTL), a single torch call on a float64 tensor.
 
 A non-finite Gramian (an overflowed float16 gradient, a NaN loss) is not solved: the solvers return
 the uniform weights, so the update stays non-finite and the trainer's overflow handling sees it,
@@ -228,6 +230,16 @@ def _optimal_scale(direction: np.ndarray, matrix: np.ndarray, power: float) -> f
     return float((np.sum(direction ** (1.0 - power)) / quadratic) ** (1.0 / (1.0 + power)))
 
 
+def check_power_balance_settings(reg_eps: float, max_iter: int, tol: float) -> None:
+    """Checks the `power_balance_weights` settings that Nash-MTL and FairGrad expose (raises `ValueError`)."""
+    if not reg_eps >= 0:
+        raise ValueError(f"`reg_eps` must be >= 0, got {reg_eps!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}")
+
+
 def power_balance_weights(
     gram: np.ndarray,
     power: float,
@@ -321,6 +333,22 @@ def power_balance_weights(
         error = residual(current)
     weights[keep] = current * trace ** (-1.0 / (1.0 + power))
     return weights, iterations, error
+
+
+# ------------------------------------------------------------------------------------ ConFIG, IMTL
+def cosine_pseudoinverse(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """For a float64 Gramian ``G``: the inverse row norms ``N⁻¹`` (``1 / ||g_i||``, 0 for a zero row) and
+    the pseudo-inverse of the cosine matrix ``C = N⁻¹ G N⁻¹`` (a zero row's row and column are 0).
+
+    The Gramian is formed in float32 (float64 for float64 input, which may still hold float32
+    gradients): ``C⁺`` drops the eigenvalues below ``max eig · K · eps(float32)``, which are noise.
+    """
+    norms = gram.diagonal().clamp(min=0.0).sqrt()
+    nonzero = norms > 0
+    inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
+    cosines = inverse_norms[:, None] * gram * inverse_norms[None, :]
+    rtol = gram.shape[0] * torch.finfo(torch.float32).eps
+    return inverse_norms, torch.linalg.pinv(cosines, rtol=rtol, hermitian=True)
 
 
 # -------------------------------------------------------------------------------- UPGrad, DualProj

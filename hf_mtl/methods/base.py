@@ -34,8 +34,8 @@ every rank keeps the same state whatever the accumulation and the number of call
 ``transform_losses`` and ``combine_losses`` only read it (``combine_losses`` sets ``last_weights``,
 nothing else), and so does ``aggregate`` of a representation method, which runs per micro-step.
 Random methods draw from the ``generator`` they are given; the engine always passes one, seeded from
-the run's seed, the step and the micro-step, so a method's private generator (``seed=``) only serves
-calls outside the engine that pass none.
+the run's seed, the step and the micro-step, so a method's private generator (``seed=``, the
+`PrivateGenerator` mixin) only serves calls outside the engine that pass none.
 
 Representation-level methods (``requires_representation = True``: MGDA-UB, GradDrop) receive as rows
 the per-task gradients with respect to the shared representation ``z`` (the features the heads read,
@@ -81,6 +81,43 @@ def task_index(losses: Tensor, task_ids: Tensor | None, num_tasks: int) -> Tenso
     if index.numel() and (index.min() < 0 or index.max() >= num_tasks):
         raise ValueError(f"`task_ids` must lie in [0, {num_tasks}), got {index.tolist()}")
     return index
+
+
+class PrivateGenerator:
+    """Mixin of the random methods (PCGrad, RLW, GradDrop, GradVac): the private generator of ``seed=``.
+
+    The engine always passes a ``generator``; the private one serves the calls that pass none (calls
+    outside the engine). Without a seed there is none, and such calls draw from the global RNG. Its
+    state goes into the ``state_dict`` (``get_extra_state``), so a resumed run continues the sequence.
+    Subclasses call `seed_generator` in ``__init__`` and draw from `generator_and_device`.
+    """
+
+    is_random: ClassVar[bool] = True
+    _generator: torch.Generator | None
+
+    def seed_generator(self, seed: int | None) -> None:
+        """Checks ``seed`` and creates the private generator from it (none when ``seed`` is ``None``)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def generator_and_device(
+        self, generator: torch.Generator | None, device: torch.device
+    ) -> tuple[torch.Generator | None, torch.device]:
+        """The generator to draw from (``generator``, else the private one) and the device to draw on
+        (the generator's; ``device`` when drawing from the global RNG)."""
+        generator = generator if generator is not None else self._generator
+        return generator, generator.device if generator is not None else device
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator_state": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        generator_state = state.get("generator_state")
+        if generator_state is not None:
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(generator_state)
 
 
 class GradientMethod(nn.Module):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._solvers import cosine_pseudoinverse
 from .base import GramianMethod
 from .registry import register_method
 
@@ -52,12 +53,8 @@ class ConFIG(GramianMethod):
     ) -> Tensor:
         gram = gramian.detach().to(torch.float64)
         num_tasks = gram.shape[0]
-        norms = gram.diagonal().clamp(min=0.0).sqrt()
-        nonzero = norms > 0
-        inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
-        cosines = inverse_norms[:, None] * gram * inverse_norms[None, :]
-        rtol = num_tasks * torch.finfo(torch.float32).eps
-        direction = inverse_norms * (torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ torch.ones_like(norms))
+        inverse_norms, cosines_pinv = cosine_pseudoinverse(gram)
+        direction = inverse_norms * (cosines_pinv @ torch.ones_like(inverse_norms))  # b = Jᵀ β, β = N⁻¹ C⁺ 1
         squared_length = direction @ gram @ direction  # ||b||² = 1ᵀ C⁺ 1, at least 1 when U b = 1 is solvable
         if not squared_length > 1e-12:
             return torch.zeros(num_tasks, dtype=gramian.dtype, device=gramian.device)

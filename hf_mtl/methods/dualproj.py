@@ -23,65 +23,20 @@ the others (see `UPGrad`'s docstring for measurements); ``regularization="per_ta
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from ._solvers import REGULARIZATIONS, gramian_to_numpy, project_preferences, weights_to_tensor
-from .base import GramianMethod
+from ._dual_cone import DualConeMethod
 from .registry import register_method
 
 
 @register_method("dualproj")
-class DualProj(GramianMethod):
+class DualProj(DualConeMethod):
     """DualProj with the mean preference vector (TorchJD's default).
 
-    Args:
-        num_tasks (`int`, *optional*):
-            Number of tasks K (unused: DualProj keeps no per-task state).
-        norm_eps (`float`, *optional*, defaults to `1e-4`):
-            Below this trace the Gramian is treated as zero and the update is the mean (TorchJD).
-            Must be ≥ 0.
-        reg_eps (`float`, *optional*, defaults to `1e-4`):
-            Added to the diagonal of the normalised Gramian (see ``regularization``). Must be > 0
-            (quadprog needs a positive-definite matrix).
-        regularization (`str`, *optional*, defaults to `"trace"`):
-            ``"trace"``: TorchJD's ``G / trace(G) + reg_eps · I``. ``"per_task"``: ``G + reg_eps · diag(G)``,
-            solved in correlation form, which keeps the no-conflict guarantee for tasks whose gradient is
-            much smaller than the others' (see the module docstring).
+    Takes the arguments of `DualConeMethod`: ``norm_eps`` (defaults to `1e-4`), ``reg_eps`` (defaults to
+    `1e-4`) and ``regularization`` (`"trace"`, the default, or `"per_task"`); the module docstring says
+    when to change them.
     """
 
-    def __init__(
-        self,
-        num_tasks: int | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        regularization: str = "trace",
-    ) -> None:
-        super().__init__(num_tasks)
-        if not norm_eps >= 0:
-            raise ValueError(f"`norm_eps` must be >= 0, got {norm_eps!r}")
-        if not reg_eps > 0:
-            raise ValueError(f"`reg_eps` must be > 0 (quadprog needs a positive-definite Gramian), got {reg_eps!r}")
-        if regularization not in REGULARIZATIONS:
-            raise ValueError(f"`regularization` must be one of {list(REGULARIZATIONS)}, got {regularization!r}")
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.regularization = regularization
-
-    def weights_from_gramian(
-        self,
-        gramian: Tensor,
-        *,
-        losses: Tensor | None = None,
-        task_ids: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        num_tasks = gramian.shape[0]
-        weights = project_preferences(
-            gramian_to_numpy(gramian),
-            np.full(num_tasks, 1.0 / num_tasks),
-            self.norm_eps,
-            self.reg_eps,
-            self.regularization,
-        )
-        return weights_to_tensor(weights, gramian)
+    def preferences(self, num_tasks: int) -> np.ndarray:
+        """The one vector ``u = 1 / K``: ``d = π_C(J)(g₀)``."""
+        return np.full((1, num_tasks), 1.0 / num_tasks)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._solvers import gramian_to_numpy, power_balance_weights, weights_to_tensor
+from ._solvers import check_power_balance_settings, gramian_to_numpy, power_balance_weights, weights_to_tensor
 from .base import GramianMethod
 from .registry import register_method
 
@@ -70,12 +70,7 @@ class FairGrad(GramianMethod):
         super().__init__(num_tasks)
         if not alpha > 0:
             raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
-        if not reg_eps >= 0:
-            raise ValueError(f"`reg_eps` must be >= 0, got {reg_eps!r}")
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
-        if not tol > 0:
-            raise ValueError(f"`tol` must be > 0, got {tol!r}")
+        check_power_balance_settings(reg_eps, max_iter, tol)
         self.alpha = float(alpha)
         self.reg_eps = reg_eps
         self.max_iter = max_iter

@@ -23,18 +23,16 @@ Losses must be positive (LibMTL's requirement as well): use it with cross-entrop
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .base import LossWeightingMethod
 from .registry import register_method
+from .si import ScaleInvariant
 
 
 @register_method("gls")
-class GeometricLossStrategy(LossWeightingMethod):
-    """Geometric loss strategy: ``C(L) = (Π_i L_i)^{1/K}``.
+class GeometricLossStrategy(ScaleInvariant):
+    """Geometric loss strategy: ``C(L) = (Π_i L_i)^{1/K}``, on SI's clamped losses (hence the subclass).
 
     Args:
         num_tasks (`int`, *optional*):
@@ -43,18 +41,10 @@ class GeometricLossStrategy(LossWeightingMethod):
             Losses are clamped to at least ``eps`` before the logarithm.
     """
 
-    def __init__(self, num_tasks: int | None = None, eps: float = 1e-8) -> None:
-        super().__init__(num_tasks)
-        if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"`eps` must be a finite float > 0, got {eps!r}")
-        self.eps = float(eps)
-
     def combine_losses(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        clamped = losses.to(torch.float32).clamp_min(self.eps)
+        clamped = self.clamp(losses)
         combined = clamped.log().mean().exp()
-        detached = clamped.detach()
-        weights = combined.detach() / (losses.numel() * detached)
-        self.last_weights = torch.where(losses.detach() >= self.eps, weights, torch.zeros_like(weights))
+        self.last_weights = self.zero_where_clamped(losses, combined.detach() / (losses.numel() * clamped.detach()))
         return combined

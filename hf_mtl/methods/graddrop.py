@@ -32,17 +32,16 @@ weights (``last_weights`` is ``None``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import GradientMethod, task_index
+from .base import GradientMethod, PrivateGenerator, task_index
 from .registry import register_method
 
 
 @register_method("graddrop")
-class GradDrop(GradientMethod):
+class GradDrop(PrivateGenerator, GradientMethod):
     """GradDrop on representation gradients (or on Jacobian rows).
 
     Args:
@@ -57,7 +56,6 @@ class GradDrop(GradientMethod):
     """
 
     requires_representation = True
-    is_random = True
 
     def __init__(
         self, num_tasks: int | None = None, leak: float | Sequence[float] = 0.0, seed: int | None = None
@@ -68,11 +66,9 @@ class GradDrop(GradientMethod):
             raise ValueError(f"`leak` must be a float in [0, 1] or a list of them, one per task, got {leak!r}")
         if values.numel() > 1 and num_tasks is not None and values.numel() != num_tasks:
             raise ValueError(f"`leak` must have one entry per task ({num_tasks}), got {values.numel()}: {leak!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
+        self.seed_generator(seed)
         # configuration, not learned state: out of the state_dict
         self.register_buffer("leak", values, persistent=False)
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def aggregate(
         self,
@@ -104,8 +100,7 @@ class GradDrop(GradientMethod):
         magnitude = signed.abs().sum(dim=0)
         nonzero = magnitude > 0
         purity = torch.where(nonzero, 0.5 * (1.0 + total / torch.where(nonzero, magnitude, 1.0)), 0.5)
-        generator = generator if generator is not None else self._generator
-        device = generator.device if generator is not None else purity.device
+        generator, device = self.generator_and_device(generator, purity.device)
         uniform = torch.rand(purity.shape, generator=generator, device=device, dtype=torch.float32).to(purity.device)
         keep = ((purity > uniform) & (signed > 0)) | ((purity < uniform) & (signed < 0))  # (K, *units)
         if representation is not None and representation.dim() >= 2:
@@ -126,13 +121,3 @@ class GradDrop(GradientMethod):
                 "pass `task_ids` when a step holds a subset of the tasks"
             )
         return self.leak[task_index(torch.empty(num_rows), task_ids, self.leak.numel()).to(self.leak.device)]
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_state": None if self._generator is None else self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        generator_state = state.get("generator_state")
-        if generator_state is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
-            self._generator.set_state(generator_state)

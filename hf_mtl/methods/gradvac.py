@@ -40,12 +40,10 @@ the update, averaged over the groups in proportion to their number of columns.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import GradientMethod
+from .base import GradientMethod, PrivateGenerator
 from .registry import register_method
 
 _GROUP_TYPES = ("whole", "layer", "matrix")
@@ -53,7 +51,7 @@ _TINY = 1e-8
 
 
 @register_method("gradvac")
-class GradVac(GradientMethod):
+class GradVac(PrivateGenerator, GradientMethod):
     """GradVac with per-group cosine targets.
 
     Args:
@@ -69,8 +67,6 @@ class GradVac(GradientMethod):
             the ``state_dict``.
     """
 
-    is_random = True
-
     def __init__(
         self, num_tasks: int | None = None, beta: float = 0.5, group_type: str = "whole", seed: int | None = None
     ) -> None:
@@ -79,11 +75,9 @@ class GradVac(GradientMethod):
             raise ValueError(f"`beta` must be a float in [0, 1], got {beta!r}")
         if group_type not in _GROUP_TYPES:
             raise ValueError(f"`group_type` must be one of {list(_GROUP_TYPES)}, got {group_type!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
         self.beta = float(beta)
         self.group_type = group_type
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.seed_generator(seed)
         #: column runs ``(start, end, group)`` of the bound layout; ``None``: one group.
         self._runs: list[tuple[int, int, int]] | None = None
         self._num_groups = 1
@@ -141,7 +135,7 @@ class GradVac(GradientMethod):
             gram[group] += (block @ block.T).to(device="cpu", dtype=torch.float64)
 
         targets = phi_hat[index][:, index].to(device="cpu", dtype=torch.float64).permute(2, 0, 1)  # (groups, K, K)
-        coefficients = self._vaccinate(gram, targets, generator if generator is not None else self._generator)
+        coefficients = self._vaccinate(gram, targets, generator)
         with torch.no_grad():
             rows, cols = torch.meshgrid(index.cpu(), index.cpu(), indexing="ij")
             phi_hat[rows, cols] = targets.permute(1, 2, 0).to(phi_hat.dtype).to(phi_hat.device)
@@ -164,7 +158,7 @@ class GradVac(GradientMethod):
         num_groups, num_rows, _ = gram.shape
         coefficients = torch.eye(num_rows, dtype=torch.float64).repeat(num_groups, 1, 1)
         row_norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0.0).sqrt()  # (groups, K)
-        device = generator.device if generator is not None else torch.device("cpu")
+        generator, device = self.generator_and_device(generator, torch.device("cpu"))
         for i in range(num_rows):
             others = [j for j in range(num_rows) if j != i]
             order = torch.randperm(len(others), generator=generator, device=device).tolist()
@@ -185,13 +179,3 @@ class GradVac(GradientMethod):
                 coefficients[:, i, j] += torch.where(correct, step, 0.0)
                 targets[:, i, j] = torch.where(defined, (1.0 - self.beta) * target + self.beta * phi, target)
         return coefficients
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_state": None if self._generator is None else self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        generator_state = state.get("generator_state")
-        if generator_state is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
-            self._generator.set_state(generator_state)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._solvers import cosine_pseudoinverse
 from .base import GramianMethod, task_index
 from .registry import register_method
 
@@ -84,17 +85,12 @@ class IMTL(GramianMethod):
     ) -> Tensor:
         gram = gramian.detach().to(torch.float64)
         num_tasks = gram.shape[0]
-        norms = gram.diagonal().clamp(min=0.0).sqrt()
-        nonzero = norms > 0
+        nonzero = gram.diagonal().clamp(min=0.0).sqrt() > 0
         if not nonzero.any():  # all rows zero: no direction to balance
             return torch.zeros(num_tasks, dtype=gramian.dtype, device=gramian.device)
-        inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
-        cosines = inverse_norms[:, None] * gram * inverse_norms[None, :]
-        # the Gramian is formed in float32 (float64 for float64 input, which may still hold float32
-        # gradients): eigenvalues below float32's resolution are noise
-        rtol = num_tasks * torch.finfo(torch.float32).eps
-        balanced = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ nonzero.to(torch.float64)
-        v = inverse_norms * balanced
+        inverse_norms, cosines_pinv = cosine_pseudoinverse(gram)
+        balanced = cosines_pinv @ nonzero.to(torch.float64)
+        v = inverse_norms * balanced  # v = N⁻¹ pinv(C) 1 over the non-zero rows
         total = v.sum()
         if not balanced.abs().max() > 1e-9 or not total.abs() > 1e-12 * v.abs().sum():
             return torch.zeros(num_tasks, dtype=gramian.dtype, device=gramian.device)

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._simplex import project_onto_simplex, simplex_subset, store_simplex_subset
+from ._simplex import project_onto_simplex, step_simplex_state
 from .base import GramianMethod
 from .registry import register_method
 
@@ -71,11 +71,9 @@ class MoDo(GramianMethod):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         gram = gramian.detach().to(device="cpu", dtype=torch.float64)
-        index = self.resolve_task_index(gram.shape[0], task_ids, gram.device)
-        state = self.lazy_buffer("task_weights", (self.num_tasks,), 1.0 / self.num_tasks)
-        task_weights = state.cpu()  # the K-sized solve runs on the CPU
-        weights, mass = simplex_subset(task_weights, index)
-        weights = project_onto_simplex(weights - self.gamma * (gram @ weights + self.rho * weights))
-        store_simplex_subset(task_weights, index, weights, mass)
-        state.copy_(task_weights)
+
+        def step(weights: Tensor) -> Tensor:  # λ ← Π_Δ(λ - γ (G λ + ρ λ))
+            return project_onto_simplex(weights - self.gamma * (gram @ weights + self.rho * weights))
+
+        weights = step_simplex_state(self, "task_weights", gram.shape[0], task_ids, step)
         return weights.to(device=gramian.device, dtype=gramian.dtype)

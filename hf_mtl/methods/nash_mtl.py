@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._solvers import gramian_to_numpy, power_balance_weights, weights_to_tensor
+from ._solvers import check_power_balance_settings, gramian_to_numpy, power_balance_weights, weights_to_tensor
 from .base import GramianMethod, task_index
 from .registry import register_method
 
@@ -92,12 +92,7 @@ class NashMTL(GramianMethod):
         super().__init__(num_tasks)
         if not isinstance(update_weights_every, int) or update_weights_every < 1:
             raise ValueError(f"`update_weights_every` must be a positive integer, got {update_weights_every!r}")
-        if not reg_eps >= 0:
-            raise ValueError(f"`reg_eps` must be >= 0, got {reg_eps!r}")
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
-        if not tol > 0:
-            raise ValueError(f"`tol` must be > 0, got {tol!r}")
+        check_power_balance_settings(reg_eps, max_iter, tol)
         self.update_weights_every = update_weights_every
         self.reg_eps = reg_eps
         self.max_iter = max_iter

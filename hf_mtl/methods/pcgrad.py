@@ -17,17 +17,15 @@ A zero row is never projected on (its inner products are 0).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import GramianMethod
+from .base import GramianMethod, PrivateGenerator
 from .registry import register_method
 
 
 @register_method("pcgrad")
-class PCGrad(GramianMethod):
+class PCGrad(PrivateGenerator, GramianMethod):
     """PCGrad. Random: pass ``generator`` to ``aggregate`` (or ``seed`` here) for a reproducible order.
 
     Args:
@@ -36,15 +34,9 @@ class PCGrad(GramianMethod):
             the ``state_dict``, so a resumed run continues the same sequence of orders.
     """
 
-    is_random = True
-
     def __init__(self, num_tasks: int | None = None, seed: int | None = None) -> None:
         super().__init__(num_tasks)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
-        self._generator: torch.Generator | None = None
-        if seed is not None:
-            self._generator = torch.Generator().manual_seed(seed)
+        self.seed_generator(seed)
 
     def weights_from_gramian(
         self,
@@ -54,10 +46,9 @@ class PCGrad(GramianMethod):
         task_ids: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        generator = generator if generator is not None else self._generator
+        generator, device = self.generator_and_device(generator, torch.device("cpu"))
         gram = gramian.detach().to(device="cpu", dtype=torch.float64)
         num_tasks = gram.shape[0]
-        device = generator.device if generator is not None else torch.device("cpu")
         weights = torch.zeros(num_tasks, dtype=torch.float64)
         for i in range(num_tasks):
             coefficients = torch.zeros(num_tasks, dtype=torch.float64)
@@ -68,13 +59,3 @@ class PCGrad(GramianMethod):
                     coefficients[j] -= inner / gram[j, j]
             weights += coefficients
         return weights.to(gramian.dtype)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_state": None if self._generator is None else self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        generator_state = state.get("generator_state")
-        if generator_state is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
-            self._generator.set_state(generator_state)

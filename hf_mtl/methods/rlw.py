@@ -17,17 +17,15 @@ generator (``seed``) serves calls outside the engine that pass none: each ``comb
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import LossWeightingMethod
+from .base import LossWeightingMethod, PrivateGenerator
 from .registry import register_method
 
 
 @register_method("rlw")
-class RandomLossWeighting(LossWeightingMethod):
+class RandomLossWeighting(PrivateGenerator, LossWeightingMethod):
     """Random loss weighting. Pass ``generator`` to ``combine_losses`` (or ``seed`` here) to repeat a run.
 
     Args:
@@ -39,32 +37,15 @@ class RandomLossWeighting(LossWeightingMethod):
             without a ``generator`` the global RNG is used.
     """
 
-    is_random = True
-
     def __init__(self, num_tasks: int | None = None, seed: int | None = None) -> None:
         super().__init__(num_tasks)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
-        self._generator: torch.Generator | None = None
-        if seed is not None:
-            self._generator = torch.Generator().manual_seed(seed)
+        self.seed_generator(seed)
 
     def combine_losses(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        generator = generator if generator is not None else self._generator
-        device = generator.device if generator is not None else losses.device
+        generator, device = self.generator_and_device(generator, losses.device)
         noise = torch.randn(losses.numel(), generator=generator, device=device, dtype=torch.float32)
         weights = torch.softmax(noise, dim=0).to(losses.device)
         self.last_weights = weights
         return (weights * losses.to(torch.float32)).sum()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_state": None if self._generator is None else self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        generator_state = state.get("generator_state")
-        if generator_state is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
-            self._generator.set_state(generator_state)

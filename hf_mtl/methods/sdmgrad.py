@@ -43,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._simplex import project_onto_simplex, simplex_subset, store_simplex_subset
+from ._simplex import project_onto_simplex, step_simplex_state
 from .base import GramianMethod
 from .registry import register_method
 
@@ -100,19 +100,18 @@ class SDMGrad(GramianMethod):
     ) -> Tensor:
         matrix = gramian.detach().to(device="cpu", dtype=torch.float64)
         num_rows = matrix.shape[0]
-        index = self.resolve_task_index(num_rows, task_ids, matrix.device)
-        state = self.lazy_buffer("task_weights", (self.num_tasks,), 1.0 / self.num_tasks)
-        task_weights = state.cpu()  # the K-sized solve runs on the CPU
         scale = matrix.diagonal().clamp_min(0.0).sqrt().mean()
         if scale > 0:  # all rows zero: A = 0 and w stays
             matrix = matrix / scale**2
         preference = torch.full((num_rows,), 1.0 / num_rows, dtype=torch.float64)
-        weights, mass = simplex_subset(task_weights, index)
-        velocity = torch.zeros_like(weights)
-        for _ in range(self.n_iter):
-            velocity = self.momentum * velocity + matrix @ (weights + self.lamda * preference)
-            weights = project_onto_simplex(weights - self.lr * velocity)
-        store_simplex_subset(task_weights, index, weights, mass)
-        state.copy_(task_weights)
+
+        def solve(weights: Tensor) -> Tensor:  # n_iter steps of projected SGD with momentum, from w
+            velocity = torch.zeros_like(weights)
+            for _ in range(self.n_iter):
+                velocity = self.momentum * velocity + matrix @ (weights + self.lamda * preference)
+                weights = project_onto_simplex(weights - self.lr * velocity)
+            return weights
+
+        weights = step_simplex_state(self, "task_weights", num_rows, task_ids, solve)
         combined = num_rows * (weights + self.lamda * preference) / (1.0 + self.lamda)
         return combined.to(device=gramian.device, dtype=gramian.dtype)

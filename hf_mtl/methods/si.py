@@ -42,7 +42,14 @@ class ScaleInvariant(LossWeightingMethod):
     def combine_losses(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        clamped = losses.to(torch.float32).clamp_min(self.eps)
-        weights = 1.0 / clamped.detach()
-        self.last_weights = torch.where(losses.detach() >= self.eps, weights, torch.zeros_like(weights))
+        clamped = self.clamp(losses)
+        self.last_weights = self.zero_where_clamped(losses, 1.0 / clamped.detach())
         return clamped.log().sum()
+
+    def clamp(self, losses: Tensor) -> Tensor:
+        """The losses in float32, clamped to at least ``eps`` (for the logarithm)."""
+        return losses.to(torch.float32).clamp_min(self.eps)
+
+    def zero_where_clamped(self, losses: Tensor, weights: Tensor) -> Tensor:
+        """``weights`` with 0 for the losses below ``eps`` (their clamped logarithm is constant)."""
+        return torch.where(losses.detach() >= self.eps, weights, torch.zeros_like(weights))

@@ -7,6 +7,8 @@ import torch
 
 from hf_mtl.methods import get_method
 
+from ._helpers import assert_draws_come_from_the_generator, assert_private_generator_resumes
+
 
 def test_masks_by_hand_on_jacobian_rows() -> None:
     jacobian = torch.tensor([[1.0, -2.0, 3.0, 0.0], [-1.0, -1.0, 1.0, 2.0]])
@@ -78,15 +80,8 @@ def test_leak() -> None:
 
 def test_reproducible_and_seeded() -> None:
     jacobian = torch.randn(3, 40, generator=torch.Generator().manual_seed(7))
-    first = get_method("graddrop").aggregate(jacobian, generator=torch.Generator().manual_seed(1))
-    again = get_method("graddrop").aggregate(jacobian, generator=torch.Generator().manual_seed(1))
-    other = get_method("graddrop").aggregate(jacobian, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    seeded = get_method("graddrop", seed=3)
-    seeded.aggregate(jacobian)
-    restored = get_method("graddrop")
-    restored.load_state_dict(seeded.state_dict())
-    assert torch.equal(restored.aggregate(jacobian), seeded.aggregate(jacobian))
+    assert_draws_come_from_the_generator("graddrop", jacobian, seed=1, other_seed=2)
+    assert_private_generator_resumes("graddrop", jacobian, seed=3, restored_seed=None, calls=1, checks=1)
 
 
 def test_contract() -> None:

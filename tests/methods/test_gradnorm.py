@@ -11,6 +11,16 @@ from hf_mtl.methods import get_method
 JACOBIAN = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
 
 
+def _train(method, jacobian: torch.Tensor, losses: torch.Tensor, lr: float, steps: int) -> None:
+    """``steps`` Adam steps on the weight logits, each after one ``aggregate`` (which accumulates their
+    gradient), on the same Jacobian and losses."""
+    optimizer = torch.optim.Adam(method.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        method.aggregate(jacobian, losses=losses)
+        optimizer.step()
+
+
 def test_update_is_the_weighted_sum() -> None:
     method = get_method("gradnorm", num_tasks=2)
     with torch.no_grad():
@@ -43,11 +53,7 @@ def test_fixed_point_balances_the_weighted_norms() -> None:
     # α = 0 asks for equal weighted gradient norms: λ1 · 1 = λ2 · 10
     jacobian = torch.tensor([[1.0, 0.0], [0.0, 10.0]])
     method = get_method("gradnorm", num_tasks=2, alpha=0.0)
-    optimizer = torch.optim.Adam(method.parameters(), lr=0.02)
-    for _ in range(300):
-        optimizer.zero_grad()
-        method.aggregate(jacobian, losses=torch.tensor([1.0, 1.0]))
-        optimizer.step()
+    _train(method, jacobian, torch.tensor([1.0, 1.0]), lr=0.02, steps=300)
     weights = method.last_weights
     torch.testing.assert_close(weights[0] / weights[1], torch.tensor(10.0), rtol=0.05, atol=0)
 
@@ -57,11 +63,7 @@ def test_slower_task_gets_the_larger_norm() -> None:
     jacobian = torch.eye(2)
     method = get_method("gradnorm", num_tasks=2)
     method.aggregate(jacobian, losses=torch.tensor([1.0, 1.0]))
-    optimizer = torch.optim.Adam(method.parameters(), lr=0.05)
-    for _ in range(200):
-        optimizer.zero_grad()
-        method.aggregate(jacobian, losses=torch.tensor([1.0, 0.25]))
-        optimizer.step()
+    _train(method, jacobian, torch.tensor([1.0, 0.25]), lr=0.05, steps=200)
     # r = (1.6, 0.4), Ḡ = mean λ = 1, targets T = r^1.5 = (2.02, 0.25); with λ1 = 2 - λ0 the balancing
     # loss |λ0 - 2.02| + |1.75 - λ0| is smallest for λ0 in [1.75, 2)
     weights = method.last_weights

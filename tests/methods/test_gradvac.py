@@ -9,6 +9,8 @@ import torch
 
 from hf_mtl.methods import get_method
 
+from ._helpers import assert_private_generator_resumes
+
 
 def _gradvac_reference(jacobian: torch.Tensor, phi_hat: torch.Tensor, beta: float, generator: torch.Generator):
     """The paper's loop on the rows themselves (one group), drawing the orders as hf_mtl does."""
@@ -156,12 +158,7 @@ def test_order_from_the_generator_and_seed() -> None:
         for s in range(20)
     }
     assert len(outputs) > 1
-    seeded = get_method("gradvac", seed=5)
-    seeded.aggregate(jacobian)
-    restored = get_method("gradvac", seed=6)
-    restored.load_state_dict(seeded.state_dict())
-    for _ in range(4):
-        torch.testing.assert_close(restored.aggregate(jacobian), seeded.aggregate(jacobian))
+    assert_private_generator_resumes("gradvac", jacobian, seed=5, restored_seed=6, calls=1, checks=4)
 
 
 def test_positively_homogeneous_and_zero_rows() -> None:

@@ -7,6 +7,8 @@ import torch
 
 from hf_mtl.methods import get_method
 
+from ._helpers import assert_private_generator_resumes
+
 
 def _pcgrad_reference(jacobian: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """PCGrad on the rows themselves (LibMTL's loop), drawing the orders as hf_mtl does."""
@@ -108,13 +110,7 @@ def test_order_comes_from_the_generator() -> None:
 
 def test_seeded_generator_survives_a_checkpoint() -> None:
     jacobian = torch.tensor([[1.0, 0.0], [-2.0, -2.0], [-2.0, -1.0]])
-    method = get_method("pcgrad", seed=3)
-    for _ in range(3):
-        method.aggregate(jacobian)
-    restored = get_method("pcgrad", seed=99)
-    restored.load_state_dict(method.state_dict())
-    for _ in range(5):
-        torch.testing.assert_close(restored.aggregate(jacobian), method.aggregate(jacobian))
+    assert_private_generator_resumes("pcgrad", jacobian, seed=3, restored_seed=99, calls=3, checks=5)
 
 
 def test_bad_seed() -> None:

@@ -6,6 +6,8 @@ import torch
 
 from hf_mtl.methods import get_method
 
+from ._helpers import assert_draws_come_from_the_generator
+
 
 def test_weights_are_softmax_of_a_normal_draw() -> None:
     method = get_method("rlw")
@@ -29,10 +31,7 @@ def test_weights_on_the_simplex() -> None:
 
 def test_reproducible_from_the_generator() -> None:
     jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-    first = get_method("rlw").aggregate(jacobian, generator=torch.Generator().manual_seed(7))
-    again = get_method("rlw").aggregate(jacobian, generator=torch.Generator().manual_seed(7))
-    other = get_method("rlw").aggregate(jacobian, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert_draws_come_from_the_generator("rlw", jacobian, seed=7, other_seed=8)
 
 
 def test_seeded_sequence_survives_a_checkpoint() -> None:

@@ -1,66 +1,32 @@
-"""UPGrad (docs/METHODS.md §3): the mean of the rows projected onto the dual cone {x : J x ≥ 0}."""
+"""UPGrad (docs/METHODS.md §3): the mean of the rows projected onto the dual cone {x : J x ≥ 0}.
+
+The properties UPGrad shares with DualProj (no conflict, scale, permutations, K = 1, arguments,
+non-finite input) are tested for both in ``test_dual_cone.py``."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
-import quadprog
 import torch
 
 from hf_mtl.methods import get_method
 
-
-def _random_jacobians(count: int = 16, seed: int = 0) -> list[torch.Tensor]:
-    """Seeded float64 matrices, K = 2..5, P in [10, 50], with a shared component and unequal scales."""
-    generator = torch.Generator().manual_seed(seed)
-    jacobians = []
-    for index in range(count):
-        num_tasks = 2 + index % 4
-        num_params = int(torch.randint(10, 51, (1,), generator=generator))
-        scales = torch.logspace(-1, 1, num_tasks, dtype=torch.float64)[torch.randperm(num_tasks, generator=generator)]
-        rows = torch.randn(num_tasks, num_params, generator=generator, dtype=torch.float64) * scales[:, None]
-        shared = torch.randn(num_params, generator=generator, dtype=torch.float64) * float(index % 3)
-        jacobians.append(rows + shared)
-    return jacobians
+from ._helpers import project_onto_dual_cone, random_jacobians
 
 
 def _weights(jacobian: torch.Tensor, **kwargs) -> torch.Tensor:
     return get_method("upgrad", **kwargs).weights_from_gramian(jacobian @ jacobian.T)
 
 
-def _project_onto_dual_cone(jacobian: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """Independent definition: ``argmin_x ||x - vector||²`` s.t. ``J x ≥ 0``, a P-variable QP (the primal,
-    not the K-variable dual the method solves)."""
-    num_params = jacobian.shape[1]
-    return quadprog.solve_qp(np.eye(num_params), vector, jacobian.T.copy(), np.zeros(jacobian.shape[0]))[0]
-
-
 def _definition(jacobian: torch.Tensor) -> torch.Tensor:
+    """Independent definition: the mean of the rows' projections, each a P-variable QP."""
     matrix = jacobian.numpy()
-    return torch.from_numpy(np.mean([_project_onto_dual_cone(matrix, row) for row in matrix], axis=0))
-
-
-@pytest.mark.parametrize("index", range(10))
-def test_no_task_conflicts_with_the_update(index: int) -> None:
-    jacobian = _random_jacobians()[index]
-    trace = (jacobian @ jacobian.T).trace()
-    # default regularisation: d·g_i ≥ -reg_eps · trace(G) · w_i (the QP's KKT conditions)
-    weights = _weights(jacobian)
-    assert torch.all(jacobian @ (weights @ jacobian) >= -1e-4 * trace * weights - 1e-12 * trace)
-    # tiny regularisation: no conflict up to rounding
-    weights = _weights(jacobian, reg_eps=1e-12)
-    assert torch.all(jacobian @ (weights @ jacobian) >= -1e-9 * trace)
-    # per-task regularisation: d·g_i ≥ -reg_eps ||g_i|| y_i with y_i = ||g_i|| w_i, a slack relative to each task
-    weights = _weights(jacobian, regularization="per_task")
-    norms = jacobian.norm(dim=1)
-    assert torch.all(jacobian @ (weights @ jacobian) >= -1e-4 * norms**2 * weights - 1e-12 * trace)
+    return torch.from_numpy(np.mean([project_onto_dual_cone(matrix, row) for row in matrix], axis=0))
 
 
 @pytest.mark.parametrize("index", range(10))
 def test_equals_the_definition_computed_in_parameter_space(index: int) -> None:
-    jacobian = _random_jacobians()[index]
+    jacobian = random_jacobians()[index]
     expected = _definition(jacobian)
     scale = jacobian.norm().item()
     for regularization in ("trace", "per_task"):
@@ -79,7 +45,7 @@ def test_equals_the_definition_computed_in_parameter_space(index: int) -> None:
 def test_default_trace_regularisation_can_conflict_with_a_small_task() -> None:
     """Pins the documented caveat of TorchJD's ``G / trace + 1e-4 I``: a task whose gradient is ~1 % of
     the other's is conflicted; ``regularization="per_task"`` is not."""
-    jacobian = _random_jacobians()[0]
+    jacobian = random_jacobians()[0]
     norms = jacobian.norm(dim=1)
     assert norms.max() / norms.min() > 50
     cosines = {}
@@ -90,28 +56,10 @@ def test_default_trace_regularisation_can_conflict_with_a_small_task() -> None:
     assert cosines["per_task"] >= -1e-6
 
 
-def test_rows_without_conflict_give_the_mean() -> None:
-    generator = torch.Generator().manual_seed(1)
-    for num_tasks in (2, 3, 5):
-        jacobian = torch.rand(num_tasks, 20, generator=generator, dtype=torch.float64)  # non-negative: no conflict
-        torch.testing.assert_close(
-            _weights(jacobian, reg_eps=1e-12), torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
-        )
-
-
-@pytest.mark.parametrize("regularization", ["trace", "per_task"])
-@pytest.mark.parametrize("scale", [1e-1, 1e3, 1e6])
-def test_global_scale_scales_the_update(scale: float, regularization: str) -> None:
-    for jacobian in _random_jacobians(8, seed=2):
-        expected = scale * (_weights(jacobian, regularization=regularization) @ jacobian)
-        scaled = _weights(jacobian * scale, regularization=regularization) @ (jacobian * scale)
-        torch.testing.assert_close(scaled, expected, rtol=1e-9, atol=1e-12 * expected.norm().item())
-
-
 def test_per_task_regularisation_keeps_small_tasks_unconflicted() -> None:
     """Row norms spread over 1e-3..1e3: the per-task variant conflicts with no task, at any spread."""
     generator = torch.Generator().manual_seed(6)
-    for jacobian in _random_jacobians(8, seed=4):
+    for jacobian in random_jacobians(8, seed=4):
         task_scales = 10 ** (6 * torch.rand(jacobian.shape[0], generator=generator, dtype=torch.float64) - 3)
         scaled = jacobian * task_scales[:, None]
         weights = _weights(scaled, regularization="per_task")
@@ -146,20 +94,6 @@ def test_worked_examples() -> None:
 
 
 @pytest.mark.parametrize("regularization", ["trace", "per_task"])
-def test_single_task_returns_the_row(regularization: str) -> None:
-    row = torch.randn(1, 9, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(get_method("upgrad", regularization=regularization).aggregate(row), row[0])
-
-
-def test_permuting_rows_keeps_the_update() -> None:
-    for jacobian in _random_jacobians(8, seed=3):
-        update = _weights(jacobian) @ jacobian
-        for permutation in itertools.islice(itertools.permutations(range(jacobian.shape[0])), 1, 5):
-            permuted = _weights(jacobian[list(permutation)]) @ jacobian[list(permutation)]
-            torch.testing.assert_close(permuted, update, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("regularization", ["trace", "per_task"])
 def test_degenerate_inputs(regularization: str) -> None:
     row = torch.tensor([[1.0, 2.0, -1.0]])
     method = get_method("upgrad", regularization=regularization)
@@ -167,22 +101,3 @@ def test_degenerate_inputs(regularization: str) -> None:
     torch.testing.assert_close(method.aggregate(torch.cat([row, -row])), torch.zeros(3), atol=1e-6, rtol=0)
     torch.testing.assert_close(method.aggregate(row.repeat(3, 1)), row[0], rtol=1e-3, atol=0)
     assert torch.equal(method.aggregate(torch.zeros(2, 4)), torch.zeros(4))
-
-
-def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match="`reg_eps` must be > 0"):
-        get_method("upgrad", reg_eps=0.0)
-    with pytest.raises(ValueError, match="`norm_eps` must be >= 0"):
-        get_method("upgrad", norm_eps=-1.0)
-    with pytest.raises(ValueError, match=r"`regularization` must be one of \['trace', 'per_task'\]"):
-        get_method("upgrad", regularization="identity")
-
-
-@pytest.mark.parametrize("regularization", ["trace", "per_task"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_propagates_without_raising(bad: float, regularization: str) -> None:
-    """An overflowed gradient is not solved: uniform weights, so the trainer's overflow check sees it."""
-    jacobian = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
-    jacobian[1, 2] = bad
-    update = get_method("upgrad", regularization=regularization).aggregate(jacobian)
-    assert not torch.isfinite(update[2]) and torch.isfinite(update[[0, 1, 3, 4]]).all()
