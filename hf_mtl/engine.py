@@ -127,7 +127,7 @@ class GradientBuffer:
 def _views(flat: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
     views, offset = [], 0
     for p in params:
-        views.append(flat[offset : offset + p.numel()].view_as(p) if p.dtype == torch.float32 else flat[offset : offset + p.numel()].view(p.shape))
+        views.append(flat[offset : offset + p.numel()].view(p.shape))
         offset += p.numel()
     return views
 
@@ -175,15 +175,10 @@ class MultiTaskEngine:
             self.uses_jacobian = True
         shared = [p for _, p in self.partition.shared] if self.uses_jacobian else []
         self.row_params: list[nn.Parameter] = shared
-        self.plain_named: list[tuple[str, nn.Parameter]] = []
+        # every other trainable parameter (heads, private encoders, the method's): plain gradients, no rows
         shared_ids = {id(p) for p in shared}
-        seen: set[int] = set()
-        for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in shared_ids and id(p) not in seen:
-                self.plain_named.append((name, p))
-                seen.add(id(p))
-        self.plain_named += self.partition.method
-        self.plain_params = [p for _, p in self.plain_named]
+        self.plain_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        self.plain_params += [p for _, p in self.partition.method]
         self._plain_index = {id(p): i for i, p in enumerate(self.plain_params)}
         # Jacobian rows only for the tasks that reach a shared parameter: a task whose encoder no other task reads
         # (its row would be zero) keeps its own gradient and stays out of the method, which would otherwise
@@ -280,16 +275,16 @@ class MultiTaskEngine:
         method_ids = {id(p) for _, p in self.partition.method}
         return self.row_params + [p for p in self.plain_params if id(p) not in method_ids]
 
-    def accumulate(self, losses: Mapping[str, Tensor], scale: float, generator: torch.Generator | None, row_offset: int = 0) -> None:
+    def accumulate(self, losses: Mapping[str, Tensor], scale: float, generator: torch.Generator | None) -> None:
         """Backpropagates ``losses`` (one micro-step, at the current weights) into the buffer, times ``scale``."""
         if self.uses_jacobian:
-            self._accumulate_rows(losses, scale, row_offset)
+            self._accumulate_rows(losses, scale)
         elif self.method.requires_representation:
             raise RuntimeError("representation methods accumulate through `accumulate_representation`")
         else:
             self._accumulate_combined(losses, scale, generator)
 
-    def _accumulate_rows(self, losses: Mapping[str, Tensor], scale: float, row_offset: int) -> None:
+    def _accumulate_rows(self, losses: Mapping[str, Tensor], scale: float) -> None:
         names, transformed, _ = self.stacked(losses)
         for position, task in enumerate(names):
             inputs = self.task_inputs(task)
@@ -301,7 +296,7 @@ class MultiTaskEngine:
             )
             num_shared = len(self.row_params) if task in self.row_index else 0
             if num_shared:
-                self.add_row(row_offset + self.row_index[task], grads[:num_shared], scale)
+                self.add_row(self.row_index[task], grads[:num_shared], scale)
             self.add_plain(inputs[num_shared:], grads[num_shared:], scale)
 
     def add_row(self, row: int, grads: list[Tensor | None] | tuple, scale: float) -> None:
