@@ -197,7 +197,6 @@ class MemoryProbe:
             return
         status = _proc_status()
         if status is None:
-            import resource
 
             self.kind = "ru_maxrss (no reset: includes set-up)"
             self._start = 0
@@ -320,7 +319,9 @@ def build_batches(
     tasks = list(model.tasks.values())
     collator = TextCollator(tokenizer, max_length=seq_len, padding="max_length")
     label_collators = {t.name: model.heads[t.name].collate_labels for t in tasks}
-    group = TaskGroup(tasks=tasks, dataset=rows, batch_size=batch_size, collator=collator, label_collators=label_collators)
+    group = TaskGroup(
+        tasks=tasks, dataset=rows, batch_size=batch_size, collator=collator, label_collators=label_collators
+    )
     batches = []
     for index in range(num_batches):
         chunk = rows.select(range(index * batch_size, (index + 1) * batch_size))

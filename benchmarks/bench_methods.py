@@ -53,18 +53,28 @@ def main() -> None:
     from hf_mtl.recipes import Recipe, build_trainer
     from hf_mtl.sharpness import list_sharpness
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value (repeatable)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="recipe override key=value (repeatable)"
+    )
     parser.add_argument("--methods", default="all", help="comma-separated methods, or all (default)")
-    parser.add_argument("--sam-methods", default=DEFAULT_SAM_METHODS, help="methods combined with each SAM variant, or none")
+    parser.add_argument(
+        "--sam-methods", default=DEFAULT_SAM_METHODS, help="methods combined with each SAM variant, or none"
+    )
     parser.add_argument("--sam", default=",".join(list_sharpness()), help="SAM variants to combine (default: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, 4 with CUDA)")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="steps before measuring")
-    parser.add_argument("--timer", choices=["wall", "cpu"], default=None,
-                        help="the measure ratios use: process CPU time (default on CPU) or wall time (default with CUDA)")
+    parser.add_argument(
+        "--timer",
+        choices=["wall", "cpu"],
+        default=None,
+        help="the measure ratios use: process CPU time (default on CPU) or wall time (default with CUDA)",
+    )
     parser.add_argument("--output", default=None)
     options = parser.parse_args()
 
@@ -88,9 +98,9 @@ def main() -> None:
     overrides = [
         f"training.output_dir={output_root}/base",
         f"training.max_steps={total}",
-        "training.logging_strategy=\"no\"",
-        "training.save_strategy=\"no\"",
-        "training.eval_strategy=\"no\"",
+        'training.logging_strategy="no"',
+        'training.save_strategy="no"',
+        'training.eval_strategy="no"',
         "training.report_to=none",
         "training.disable_tqdm=true",
         f"training.use_cpu={'true' if device.type == 'cpu' else 'false'}",
@@ -98,13 +108,17 @@ def main() -> None:
     ]
     recipe = Recipe.from_yaml(options.recipe, overrides)
     machine = common.machine_info(device, threads)
-    print(f"recipe {os.path.relpath(options.recipe, common.ROOT)}; device {device}, torch threads {threads}, ratios on {timer} time, load average {machine['load_average']}, {machine['cpu']}")
+    print(
+        f"recipe {os.path.relpath(options.recipe, common.ROOT)}; device {device}, torch threads {threads}, ratios on {timer} time, load average {machine['load_average']}, {machine['cpu']}"
+    )
     started = time.time()
     base = build_trainer(recipe)
     initial = copy.deepcopy(base.model).cpu()
     tasks = list(base.model.tasks)
-    print(f"tasks {', '.join(tasks)}; {sum(p.numel() for p in initial.parameters()) / 1e6:.1f} M parameters; "
-          f"{options.warmup} warm-up + {options.steps} measured steps per variant; {len(plan)} variants (set-up {time.time() - started:.0f} s)")
+    print(
+        f"tasks {', '.join(tasks)}; {sum(p.numel() for p in initial.parameters()) / 1e6:.1f} M parameters; "
+        f"{options.warmup} warm-up + {options.steps} measured steps per variant; {len(plan)} variants (set-up {time.time() - started:.0f} s)"
+    )
 
     results = []
     for label, method, sam in plan:
@@ -118,8 +132,12 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             trainer = MultiTaskTrainer(
-                model=model, args=args, train_dataset=base.train_dataset, processing_class=base.processors or None,
-                data_collator=base.collators, callbacks=[common.trainer_clock_callback(clock)],
+                model=model,
+                args=args,
+                train_dataset=base.train_dataset,
+                processing_class=base.processors or None,
+                data_collator=base.collators,
+                callbacks=[common.trainer_clock_callback(clock)],
             )
             common.quiet(trainer)
             trainer.train()
@@ -132,8 +150,11 @@ def main() -> None:
             traceback.print_exc()
             result["error"] = f"{type(error).__name__}: {error}"
         results.append(result)
-        shown = (f"{result['median_ms']:.1f} ms wall, {result['cpu_median_ms']:.1f} ms CPU" if "median_ms" in result
-                 else f"FAILED {result['error']}")
+        shown = (
+            f"{result['median_ms']:.1f} ms wall, {result['cpu_median_ms']:.1f} ms CPU"
+            if "median_ms" in result
+            else f"FAILED {result['error']}"
+        )
         print(f"  {label:<20} {shown}", flush=True)
 
     key = "cpu_median_ms" if timer == "cpu" else "median_ms"
@@ -142,8 +163,13 @@ def main() -> None:
         r["vs_ew"] = r[key] / reference[key] if reference and key in r else None
     headers = ["method", "wall ms", "CPU ms", f"x ew ({timer})", "Jacobian"]
     rows = [
-        [r["variant"], r.get("median_ms", f"failed: {str(r.get('error'))[:50]}"), r.get("cpu_median_ms"), r["vs_ew"],
-         "yes" if r.get("uses_jacobian") else "no"]
+        [
+            r["variant"],
+            r.get("median_ms", f"failed: {str(r.get('error'))[:50]}"),
+            r.get("cpu_median_ms"),
+            r["vs_ew"],
+            "yes" if r.get("uses_jacobian") else "no",
+        ]
         for r in results
     ]
     if device.type == "cuda":
@@ -155,11 +181,21 @@ def main() -> None:
     print(table)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"\nload average after: {machine['load_average_after']}; took {time.time() - started:.0f} s")
-    common.write_json(options.output, {
-        "benchmark": "bench_methods", "recipe": os.path.relpath(options.recipe, common.ROOT), "overrides": overrides[len(overrides) - len(options.overrides):],
-        "steps": options.steps, "warmup": options.warmup, "timer": timer, "machine": machine, "tasks": tasks,
-        "results": results, "table": table,
-    })
+    common.write_json(
+        options.output,
+        {
+            "benchmark": "bench_methods",
+            "recipe": os.path.relpath(options.recipe, common.ROOT),
+            "overrides": overrides[len(overrides) - len(options.overrides) :],
+            "steps": options.steps,
+            "warmup": options.warmup,
+            "timer": timer,
+            "machine": machine,
+            "tasks": tasks,
+            "results": results,
+            "table": table,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -157,7 +157,9 @@ class MeanLossModel(nn.Module):
         return {"loss": self.model(batch).loss}
 
 
-def run_trainer(cfg: Config, model: nn.Module, batches: list[Any], device: torch.device, clock: common.StepClock) -> None:
+def run_trainer(
+    cfg: Config, model: nn.Module, batches: list[Any], device: torch.device, clock: common.StepClock
+) -> None:
     from transformers import Trainer, TrainingArguments
 
     class FixedBatchTrainer(Trainer):
@@ -166,13 +168,20 @@ def run_trainer(cfg: Config, model: nn.Module, batches: list[Any], device: torch
 
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(**training_args_kwargs(cfg, output_dir, device))
-        trainer = FixedBatchTrainer(model=MeanLossModel(model), args=args, callbacks=[common.trainer_clock_callback(clock)])
+        trainer = FixedBatchTrainer(
+            model=MeanLossModel(model), args=args, callbacks=[common.trainer_clock_callback(clock)]
+        )
         common.quiet(trainer)
         trainer.train()
 
 
 def run_hf_mtl(
-    cfg: Config, spec: str, model: nn.Module, tokenizer: Any, batches: list[Any], device: torch.device,
+    cfg: Config,
+    spec: str,
+    model: nn.Module,
+    tokenizer: Any,
+    batches: list[Any],
+    device: torch.device,
     clock: common.StepClock,
 ) -> None:
     from hf_mtl import MultiTaskTrainer, MultiTaskTrainingArguments
@@ -190,14 +199,22 @@ def run_hf_mtl(
             **training_args_kwargs(cfg, output_dir, device), mtl_method=method, mtl_method_kwargs=kwargs, sam=sam
         )
         trainer = FixedBatchMultiTaskTrainer(
-            model=model, args=args, processing_class={"text": tokenizer}, callbacks=[common.trainer_clock_callback(clock)]
+            model=model,
+            args=args,
+            processing_class={"text": tokenizer},
+            callbacks=[common.trainer_clock_callback(clock)],
         )
         common.quiet(trainer)
         trainer.train()
 
 
 def run_loop(
-    cfg: Config, backward: Any, params: list[nn.Parameter], model: nn.Module, batches: list[Any], device: torch.device,
+    cfg: Config,
+    backward: Any,
+    params: list[nn.Parameter],
+    model: nn.Module,
+    batches: list[Any],
+    device: torch.device,
     clock: common.StepClock,
 ) -> None:
     """A hand-written step doing what the Trainer does around the backward: clip to norm 1.0 (and read the
@@ -247,7 +264,9 @@ def run_contender(cfg: Config, name: str, library: str, spec: str | None) -> Res
             shared = [p for p in model.encoders.parameters() if p.requires_grad]
             adapter, kwargs = peers.make_libmtl(key, shared, task_names, device)
             backward = peers.libmtl_step_fn(model, task_names, adapter, kwargs)
-            params = [p for p in model.parameters() if p.requires_grad] + [p for p in adapter.parameters() if p.requires_grad]
+            params = [p for p in model.parameters() if p.requires_grad] + [
+                p for p in adapter.parameters() if p.requires_grad
+            ]
             run_loop(cfg, backward, params, model, batches, device, clock)
         else:
             raise ValueError(f"unknown library {library!r}")
@@ -272,7 +291,9 @@ def run_isolated(cfg: Config, name: str, library: str, spec: str | None) -> Resu
     try:
         payload = queue.get(timeout=3600)
     except Exception:  # noqa: BLE001
-        payload = asdict(Result(name=name, library=library, method=spec, error=f"process died (exit code {process.exitcode})"))
+        payload = asdict(
+            Result(name=name, library=library, method=spec, error=f"process died (exit code {process.exitcode})")
+        )
     process.join()
     return Result(**payload)
 
@@ -291,7 +312,9 @@ def real_jacobian(cfg: Config) -> torch.Tensor:
     rows_ = []
     for position, task in enumerate(cfg.tasks):
         grads = torch.autograd.grad(losses[task], shared, retain_graph=position < len(cfg.tasks) - 1, allow_unused=True)
-        rows_.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)]))
+        rows_.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)])
+        )
     return torch.stack(rows_)
 
 
@@ -325,25 +348,58 @@ def agreement_pairs() -> list[Pair]:
             Pair("upgrad", "TorchJD UPGrad", ours("upgrad"), tj(lambda k: agg.UPGrad())),
             Pair("dualproj", "TorchJD DualProj", ours("dualproj"), tj(lambda k: agg.DualProj())),
             Pair("mgda", "TorchJD MGDA (defaults: Frank-Wolfe, eps 1e-3)", ours("mgda"), tj(lambda k: agg.MGDA())),
-            Pair("mgda", "TorchJD MGDA (eps 1e-9, 1e5 iterations)", ours("mgda"),
-                 tj(lambda k: agg.MGDA(epsilon=1e-9, max_iters=100_000))),
-            Pair("imtl(loss_balancing=False)", "TorchJD IMTLG", ours("imtl", loss_balancing=False), tj(lambda k: agg.IMTLG())),
+            Pair(
+                "mgda",
+                "TorchJD MGDA (eps 1e-9, 1e5 iterations)",
+                ours("mgda"),
+                tj(lambda k: agg.MGDA(epsilon=1e-9, max_iters=100_000)),
+            ),
+            Pair(
+                "imtl(loss_balancing=False)",
+                "TorchJD IMTLG",
+                ours("imtl", loss_balancing=False),
+                tj(lambda k: agg.IMTLG()),
+            ),
             Pair("config", "TorchJD ConFIG", ours("config"), tj(lambda k: agg.ConFIG())),
-            Pair("aligned_mtl", "TorchJD AlignedMTL (mean preference: ours / K)", ours("aligned_mtl"),
-                 tj(lambda k: agg.AlignedMTL()), per_task_mean=True),
-            Pair("cagrad(c=0.4, rescale=0)", "TorchJD CAGrad(c=0.4)", ours("cagrad", c=0.4, rescale=0),
-                 tj(lambda k: agg.CAGrad(c=0.4))),
-            Pair("nash_mtl", "TorchJD NashMTL (max_norm off)", ours("nash_mtl"),
-                 tj(lambda k: agg.NashMTL(n_tasks=k, max_norm=1e30))),
+            Pair(
+                "aligned_mtl",
+                "TorchJD AlignedMTL (mean preference: ours / K)",
+                ours("aligned_mtl"),
+                tj(lambda k: agg.AlignedMTL()),
+                per_task_mean=True,
+            ),
+            Pair(
+                "cagrad(c=0.4, rescale=0)",
+                "TorchJD CAGrad(c=0.4)",
+                ours("cagrad", c=0.4, rescale=0),
+                tj(lambda k: agg.CAGrad(c=0.4)),
+            ),
+            Pair(
+                "nash_mtl",
+                "TorchJD NashMTL (max_norm off)",
+                ours("nash_mtl"),
+                tj(lambda k: agg.NashMTL(n_tasks=k, max_norm=1e30)),
+            ),
             Pair("pcgrad (K=2)", "TorchJD PCGrad", ours("pcgrad"), tj(lambda k: agg.PCGrad()), rows=2),
         ]
     if peers.libmtl_available() is None:
         pairs += [
             Pair("mgda", "LibMTL MGDA (mgda_gn none)", ours("mgda"), lambda j: peers.libmtl_aggregate("mgda", j)),
-            Pair("imtl(loss_balancing=False)", "LibMTL IMTL (loss scales at 0)", ours("imtl", loss_balancing=False),
-                 lambda j: peers.libmtl_aggregate("imtl", j)),
-            Pair("cagrad", "LibMTL CAGrad (calpha 0.4, rescale 1)", ours("cagrad"), lambda j: peers.libmtl_aggregate("cagrad", j)),
-            Pair("pcgrad (K=2)", "LibMTL PCGrad", ours("pcgrad"), lambda j: peers.libmtl_aggregate("pcgrad", j), rows=2),
+            Pair(
+                "imtl(loss_balancing=False)",
+                "LibMTL IMTL (loss scales at 0)",
+                ours("imtl", loss_balancing=False),
+                lambda j: peers.libmtl_aggregate("imtl", j),
+            ),
+            Pair(
+                "cagrad",
+                "LibMTL CAGrad (calpha 0.4, rescale 1)",
+                ours("cagrad"),
+                lambda j: peers.libmtl_aggregate("cagrad", j),
+            ),
+            Pair(
+                "pcgrad (K=2)", "LibMTL PCGrad", ours("pcgrad"), lambda j: peers.libmtl_aggregate("pcgrad", j), rows=2
+            ),
         ]
     return pairs
 
@@ -354,7 +410,9 @@ def check_agreement(cfg: Config, with_real: bool) -> list[dict[str, Any]]:
     time each side takes to aggregate the model's Jacobian (median of 3 calls, no backward involved)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     jacobians = {f"random {i}": torch.randn(3, 1000, generator=generator) for i in range(5)}
-    jacobians["random, rows 1e3 apart"] = torch.randn(3, 1000, generator=generator) * torch.tensor([[1e-2], [1.0], [10.0]])
+    jacobians["random, rows 1e3 apart"] = torch.randn(3, 1000, generator=generator) * torch.tensor(
+        [[1e-2], [1.0], [10.0]]
+    )
     real_label = f"{cfg.model} encoder, batch 0"
     if with_real:
         jacobians[real_label] = real_jacobian(cfg).float()
@@ -378,8 +436,17 @@ def check_agreement(cfg: Config, with_real: bool) -> list[dict[str, Any]]:
             if rel >= worst:
                 worst, worst_on = rel, label
             worst_cos = min(worst_cos, cos)
-        report.append({"hf_mtl": pair.method, "peer": pair.peer, "max_rel_diff": worst, "worst_on": worst_on,
-                       "min_cosine": worst_cos, **timings, "errors": failures})
+        report.append(
+            {
+                "hf_mtl": pair.method,
+                "peer": pair.peer,
+                "max_rel_diff": worst,
+                "worst_on": worst_on,
+                "min_cosine": worst_cos,
+                **timings,
+                "errors": failures,
+            }
+        )
     return report
 
 
@@ -395,9 +462,15 @@ def _time_call(fn: Any, matrix: torch.Tensor, repeats: int = 3) -> float:
 
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["minilm", "tiny"], default="tiny",
-                        help="tiny: a 2-layer BERT from a config (fast); minilm: the pretrained all-MiniLM-L6-v2")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        choices=["minilm", "tiny"],
+        default="tiny",
+        help="tiny: a 2-layer BERT from a config (fast); minilm: the pretrained all-MiniLM-L6-v2",
+    )
     parser.add_argument("--tasks", default="coarse,fine,qword", help="comma-separated, from coarse, fine, qword")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, 4 with CUDA)")
@@ -405,14 +478,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"hf_mtl methods, METHOD[+sam|asam|fmtl] (default {DEFAULT_METHODS})")
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"hf_mtl methods, METHOD[+sam|asam|fmtl] (default {DEFAULT_METHODS})"
+    )
     parser.add_argument("--peers", default="torchjd,libmtl", help="peer libraries to run: torchjd, libmtl, or none")
-    parser.add_argument("--data-dir", default=None, help="folder with trec/ (default ../shared/data, else hf_mtl's sample)")
-    parser.add_argument("--timer", choices=["wall", "cpu"], default=None,
-                        help="the measure ratios use: process CPU time (default on CPU: steady under other load) or wall time (default with CUDA)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run the whole plan this many times (alternating order) and keep each contender's best round")
-    parser.add_argument("--no-isolate", action="store_true", help="run every contender in this process (memory then not comparable)")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder with trec/ (default ../shared/data, else hf_mtl's sample)"
+    )
+    parser.add_argument(
+        "--timer",
+        choices=["wall", "cpu"],
+        default=None,
+        help="the measure ratios use: process CPU time (default on CPU: steady under other load) or wall time (default with CUDA)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole plan this many times (alternating order) and keep each contender's best round",
+    )
+    parser.add_argument(
+        "--no-isolate", action="store_true", help="run every contender in this process (memory then not comparable)"
+    )
     parser.add_argument("--no-agreement", action="store_true", help="skip the agreement checks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
@@ -422,9 +509,16 @@ def main() -> None:
     threads = options.threads if options.threads is not None else (1 if device.type == "cpu" else 4)
     timer = options.timer or ("cpu" if device.type == "cpu" else "wall")
     cfg = Config(
-        model=options.model, tasks=tuple(t for t in options.tasks.split(",") if t), device=str(device), threads=threads,
-        steps=options.steps, warmup=options.warmup, batch_size=options.batch_size, seq_len=options.seq_len,
-        data_dir=options.data_dir, seed=options.seed,
+        model=options.model,
+        tasks=tuple(t for t in options.tasks.split(",") if t),
+        device=str(device),
+        threads=threads,
+        steps=options.steps,
+        warmup=options.warmup,
+        batch_size=options.batch_size,
+        seq_len=options.seq_len,
+        data_dir=options.data_dir,
+        seed=options.seed,
     )
     common.text_tasks(cfg.tasks)
     peer_libraries = {p for p in options.peers.split(",") if p and p != "none"}
@@ -435,9 +529,13 @@ def main() -> None:
     methods = [m for m in options.methods.split(",") if m]
     plan = contenders(methods, peer_libraries, len(cfg.tasks))
     machine = common.machine_info(device, common.set_threads(threads))
-    print(f"device {device}, torch threads {threads}, ratios on {timer} time, load average {machine['load_average']}, {machine['cpu']}")
-    print(f"model {cfg.model}, tasks {', '.join(cfg.tasks)}, batch {cfg.batch_size} x {cfg.seq_len} tokens, "
-          f"{cfg.warmup} warm-up + {cfg.steps} measured steps, {len(plan)} contenders")
+    print(
+        f"device {device}, torch threads {threads}, ratios on {timer} time, load average {machine['load_average']}, {machine['cpu']}"
+    )
+    print(
+        f"model {cfg.model}, tasks {', '.join(cfg.tasks)}, batch {cfg.batch_size} x {cfg.seq_len} tokens, "
+        f"{cfg.warmup} warm-up + {cfg.steps} measured steps, {len(plan)} contenders"
+    )
 
     results: dict[str, Result] = {}
     key = "cpu_median_ms" if timer == "cpu" else "median_ms"
@@ -447,9 +545,16 @@ def main() -> None:
         if options.rounds > 1:
             print(f"round {round_index + 1}/{options.rounds} (load average {[round(x, 2) for x in os.getloadavg()]})")
         for name, library, spec in order:
-            result = run_contender(cfg, name, library, spec) if options.no_isolate else run_isolated(cfg, name, library, spec)
-            status = (f"{result.timing['median_ms']:.1f} ms wall, {result.timing['cpu_median_ms']:.1f} ms CPU"
-                      if result.timing else f"FAILED {result.error}")
+            result = (
+                run_contender(cfg, name, library, spec)
+                if options.no_isolate
+                else run_isolated(cfg, name, library, spec)
+            )
+            status = (
+                f"{result.timing['median_ms']:.1f} ms wall, {result.timing['cpu_median_ms']:.1f} ms CPU"
+                if result.timing
+                else f"FAILED {result.error}"
+            )
             print(f"  {name:<24} {status}", flush=True)
             results[name] = best_of(results.get(name), result, key)
     elapsed = time.time() - started
@@ -461,26 +566,53 @@ def main() -> None:
     agreement = [] if options.no_agreement else check_agreement(cfg, with_real=True)
     if agreement:
         print()
-        print("Agreement on the same Jacobians (random K=3 x 1000, one with rows 1e3 apart in scale, and the model's); "
-              "time to aggregate the model's Jacobian:")
-        print(common.format_table(
-            ["hf_mtl", "peer", "max rel. diff", "worst on", "min cosine", "aggregate ms: ours", "peer", "errors"],
-            [[a["hf_mtl"], a["peer"], f"{a['max_rel_diff']:.1e}", a["worst_on"], f"{a['min_cosine']:.6f}",
-              a.get("ours_ms"), a.get("peer_ms"), "; ".join(a["errors"]) or "-"] for a in agreement],
-        ))
+        print(
+            "Agreement on the same Jacobians (random K=3 x 1000, one with rows 1e3 apart in scale, and the model's); "
+            "time to aggregate the model's Jacobian:"
+        )
+        print(
+            common.format_table(
+                ["hf_mtl", "peer", "max rel. diff", "worst on", "min cosine", "aggregate ms: ours", "peer", "errors"],
+                [
+                    [
+                        a["hf_mtl"],
+                        a["peer"],
+                        f"{a['max_rel_diff']:.1e}",
+                        a["worst_on"],
+                        f"{a['min_cosine']:.6f}",
+                        a.get("ours_ms"),
+                        a.get("peer_ms"),
+                        "; ".join(a["errors"]) or "-",
+                    ]
+                    for a in agreement
+                ],
+            )
+        )
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"\nload average after: {machine['load_average_after']}; contenders took {elapsed:.0f} s")
-    common.write_json(options.output, {
-        "benchmark": "bench_step", "config": asdict(cfg), "machine": machine, "isolated": not options.no_isolate,
-        "rounds": options.rounds, "timer": timer,
-        "rows": rows, "results": [asdict(r) for r in results], "agreement": agreement, "table": table,
-    })
+    common.write_json(
+        options.output,
+        {
+            "benchmark": "bench_step",
+            "config": asdict(cfg),
+            "machine": machine,
+            "isolated": not options.no_isolate,
+            "rounds": options.rounds,
+            "timer": timer,
+            "rows": rows,
+            "results": [asdict(r) for r in results],
+            "agreement": agreement,
+            "table": table,
+        },
+    )
 
 
 def best_of(previous: Result | None, new: Result, key: str) -> Result:
     """Across rounds: the round with the lowest ``key`` median (the least disturbed by other processes);
     every round's medians are kept in ``timing["rounds"]``."""
-    record = [{"median_ms": new.timing["median_ms"], "cpu_median_ms": new.timing["cpu_median_ms"]}] if new.timing else []
+    record = (
+        [{"median_ms": new.timing["median_ms"], "cpu_median_ms": new.timing["cpu_median_ms"]}] if new.timing else []
+    )
     if previous is None:
         if new.timing:
             new.timing["rounds"] = record
@@ -503,9 +635,15 @@ def summarise(results: list[Result], timer: str) -> tuple[str, list[dict[str, An
     for r in results:
         ms = r.timing.get(key) if r.timing else None
         row: dict[str, Any] = {
-            "name": r.name, "median_ms": r.timing.get("median_ms"), "cpu_median_ms": r.timing.get("cpu_median_ms"),
-            "vs_trainer": None, "vs_torchjd": None, "vs_libmtl": None,
-            "peak_mib": r.memory.get("peak_mib"), "step_mem_mib": r.memory.get("above_start_mib"), "error": r.error,
+            "name": r.name,
+            "median_ms": r.timing.get("median_ms"),
+            "cpu_median_ms": r.timing.get("cpu_median_ms"),
+            "vs_trainer": None,
+            "vs_torchjd": None,
+            "vs_libmtl": None,
+            "peak_mib": r.memory.get("peak_mib"),
+            "step_mem_mib": r.memory.get("above_start_mib"),
+            "error": r.error,
         }
         if ms is not None and base_ms:
             row["vs_trainer"] = ms / base_ms
@@ -515,12 +653,32 @@ def summarise(results: list[Result], timer: str) -> tuple[str, list[dict[str, An
                 if other is not None and other.timing:
                     row[f"vs_{peer}"] = ms / other.timing[key]
         rows.append(row)
-    headers = ["contender", "wall ms", "CPU ms", f"x Trainer ({timer})", "x TorchJD", "x LibMTL", "peak MiB", "step MiB"]
-    table = common.format_table(headers, [
-        [row["name"], row["median_ms"] if row["median_ms"] is not None else f"failed: {str(row['error'])[:60]}",
-         row["cpu_median_ms"], row["vs_trainer"], row["vs_torchjd"], row["vs_libmtl"], row["peak_mib"], row["step_mem_mib"]]
-        for row in rows
-    ])
+    headers = [
+        "contender",
+        "wall ms",
+        "CPU ms",
+        f"x Trainer ({timer})",
+        "x TorchJD",
+        "x LibMTL",
+        "peak MiB",
+        "step MiB",
+    ]
+    table = common.format_table(
+        headers,
+        [
+            [
+                row["name"],
+                row["median_ms"] if row["median_ms"] is not None else f"failed: {str(row['error'])[:60]}",
+                row["cpu_median_ms"],
+                row["vs_trainer"],
+                row["vs_torchjd"],
+                row["vs_libmtl"],
+                row["peak_mib"],
+                row["step_mem_mib"],
+            ]
+            for row in rows
+        ],
+    )
     return table, rows
 
 

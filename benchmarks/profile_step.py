@@ -46,18 +46,25 @@ def main() -> None:
     datasets.disable_progress_bars()
     output_dir = tempfile.mkdtemp(prefix="profile_step_")
     overrides = [
-        f"training.output_dir={output_dir}", f"training.max_steps={options.warmup + options.steps}",
-        'training.logging_strategy="no"', 'training.save_strategy="no"', "training.report_to=none",
-        "training.disable_tqdm=true", f"training.mtl_method={options.method}",
-        f"training.use_cpu={'true' if device.type == 'cpu' else 'false'}", *options.overrides,
+        f"training.output_dir={output_dir}",
+        f"training.max_steps={options.warmup + options.steps}",
+        'training.logging_strategy="no"',
+        'training.save_strategy="no"',
+        "training.report_to=none",
+        "training.disable_tqdm=true",
+        f"training.mtl_method={options.method}",
+        f"training.use_cpu={'true' if device.type == 'cpu' else 'false'}",
+        *options.overrides,
     ]
     if options.sam:
         overrides.append(f"training.sam={options.sam}")
     trainer = build_trainer(Recipe.from_yaml(options.recipe, overrides))
     common.quiet(trainer)
     profiler = cProfile.Profile()
-    torch_profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                            + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+    torch_profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU]
+        + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    )
     clock = common.StepClock(device)
 
     class Profiled(TrainerCallback):
@@ -78,7 +85,9 @@ def main() -> None:
     trainer.add_callback(Profiled())
     trainer.train()
     summary = clock.summary(options.warmup)
-    print(f"{options.method}{'+' + options.sam if options.sam else ''}: median step {summary['median_ms']:.0f} ms over {summary['steps']} steps")
+    print(
+        f"{options.method}{'+' + options.sam if options.sam else ''}: median step {summary['median_ms']:.0f} ms over {summary['steps']} steps"
+    )
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(options.top)
     print(stream.getvalue())

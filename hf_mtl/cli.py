@@ -56,7 +56,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> list[str]:
     for action in HfArgumentParser(MultiTaskTrainingArguments, add_help=False)._actions:
         default = action.default
         action.default = argparse.SUPPRESS
-        if action.help is not None and default is not None and not action.dest.startswith("no_") and not action.option_strings[0].startswith("--no_"):
+        if (
+            action.help is not None
+            and default is not None
+            and not action.dest.startswith("no_")
+            and not action.option_strings[0].startswith("--no_")
+        ):
             action.help = f"{action.help} (default: {str(default).replace('%', '%%')})"
         group._add_action(action)
         if action.dest not in fields:
@@ -67,15 +72,28 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-mtl", description="Multi-task training for the Hugging Face Trainer.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, summary in (("train", "train, evaluate and save a model from a recipe"),
-                          ("check", "validate a recipe and build the run (data, encoders, model), without training")):
+    for name, summary in (
+        ("train", "train, evaluate and save a model from a recipe"),
+        ("check", "validate a recipe and build the run (data, encoders, model), without training"),
+    ):
         sub = commands.add_parser(
-            name, help=summary, description=summary, epilog=_RECIPE_HELP, formatter_class=_HelpFormatter,
-            allow_abbrev=False, usage=f"hf-mtl {name} [-h] RECIPE [--set KEY=VALUE ...] [--<training argument> VALUE ...]",
+            name,
+            help=summary,
+            description=summary,
+            epilog=_RECIPE_HELP,
+            formatter_class=_HelpFormatter,
+            allow_abbrev=False,
+            usage=f"hf-mtl {name} [-h] RECIPE [--set KEY=VALUE ...] [--<training argument> VALUE ...]",
         )
         sub.add_argument("recipe", help="path of the recipe YAML file")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a recipe value by dotted path (repeatable)")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe value by dotted path (repeatable)",
+        )
         sub.set_defaults(training_fields=_add_training_arguments(sub))
     commands.add_parser("list", help="list the registered methods, samplers, heads, SAM variants and data loaders")
     return parser
@@ -105,7 +123,9 @@ def _metrics_table(metrics: Mapping[str, float], task_names: Sequence[str]) -> s
     header = "task".ljust(width) + "".join(f"  {c:>10}" for c in columns)
     lines = [header, "-" * len(header)]
     for task, values in rows:
-        lines.append(task.ljust(width) + "".join(f"  {values[c]:>10.4f}" if c in values else f"  {'':>10}" for c in columns))
+        lines.append(
+            task.ljust(width) + "".join(f"  {values[c]:>10.4f}" if c in values else f"  {'':>10}" for c in columns)
+        )
     return "\n".join(lines)
 
 
@@ -117,8 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .modeling import list_heads
         from .sharpness import list_sharpness
 
-        for title, names in (("methods", list_methods()), ("task sampling", list_samplers()), ("heads", list_heads()),
-                             ("sam", list_sharpness()), ("data loaders", recipes.list_data_loaders())):
+        for title, names in (
+            ("methods", list_methods()),
+            ("task sampling", list_samplers()),
+            ("heads", list_heads()),
+            ("sam", list_sharpness()),
+            ("data loaders", recipes.list_data_loaders()),
+        ):
             print(f"{title}: {', '.join(names)}")
         return 0
     given = {name: getattr(args, name) for name in args.training_fields if hasattr(args, name)}
@@ -135,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir = training_args.output_dir
         if output_dir and not output_existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
             os.rmdir(output_dir)  # the Trainer makes `output_dir` when it is built; a check leaves no trace
-        print(f"recipe {args.recipe}: {len(trainer.tasks)} tasks ({', '.join(trainer.tasks)}), method {trainer.args.mtl_method}: OK")
+        print(
+            f"recipe {args.recipe}: {len(trainer.tasks)} tasks ({', '.join(trainer.tasks)}), method {trainer.args.mtl_method}: OK"
+        )
         return 0
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -64,7 +64,7 @@ class ParameterPartition:
     method: list[tuple[str, nn.Parameter]] = field(default_factory=list)
 
     @classmethod
-    def from_model(cls, model: nn.Module, method: GradientMethod) -> "ParameterPartition":
+    def from_model(cls, model: nn.Module, method: GradientMethod) -> ParameterPartition:
         reached = model.task_parameter_names()
         params = dict(model.named_parameters())
         owners: dict[str, list[str]] = {}
@@ -132,7 +132,9 @@ def _views(flat: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
     return views
 
 
-def _add_grads(targets: list[Tensor], grads: Iterable[Tensor | None], scale: float, touched: set[int], keys: list[int]) -> None:
+def _add_grads(
+    targets: list[Tensor], grads: Iterable[Tensor | None], scale: float, touched: set[int], keys: list[int]
+) -> None:
     """``targets[i] += scale * grads[i]`` for the grads that exist; records which were touched."""
     pairs = [(t, g, k) for t, g, k in zip(targets, grads, keys) if g is not None]
     if not pairs:
@@ -158,7 +160,7 @@ class MultiTaskEngine:
         method: GradientMethod,
         task_names: list[str],
         seed: int,
-        sharpness: "Sharpness | None" = None,
+        sharpness: Sharpness | None = None,
     ) -> None:
         self.method = method
         self.task_names = list(task_names)
@@ -202,7 +204,8 @@ class MultiTaskEngine:
             self.flat_method = None
         heads = getattr(model, "heads", None)
         self.head_params: dict[str, list[nn.Parameter]] = {
-            task: list(heads[task].parameters()) if heads is not None and task in heads else [] for task in self.task_names
+            task: list(heads[task].parameters()) if heads is not None and task in heads else []
+            for task in self.task_names
         }
         head_ids = {id(p) for params in self.head_params.values() for p in params}
         #: parameters upstream of the shared features (encoders, trunk): what representation methods reach.
@@ -249,7 +252,9 @@ class MultiTaskEngine:
         """The buffer row of ``task``'s gradient (F-MTL: ``flat=True`` for its flat-gradient row)."""
         return self.row_index[task] + (len(self.row_tasks) if flat else 0)
 
-    def objective_gradients(self, losses: Mapping[str, Tensor], generator: torch.Generator | None) -> list[Tensor | None]:
+    def objective_gradients(
+        self, losses: Mapping[str, Tensor], generator: torch.Generator | None
+    ) -> list[Tensor | None]:
         """Gradient of the scalar training objective w.r.t. every model parameter (``model_params`` order).
 
         The objective is ``method.combine_losses`` for loss-weighting methods and the sum of the
@@ -309,7 +314,9 @@ class MultiTaskEngine:
         keys = [self._plain_index[id(p)] for p in params]
         _add_grads([self.buffer.plain_views[k] for k in keys], grads, scale, self._touched_plain, keys)
 
-    def _accumulate_combined(self, losses: Mapping[str, Tensor], scale: float, generator: torch.Generator | None) -> None:
+    def _accumulate_combined(
+        self, losses: Mapping[str, Tensor], scale: float, generator: torch.Generator | None
+    ) -> None:
         names, transformed, ids = self.stacked(losses)
         combined = self.method.combine_losses(
             transformed, task_ids=ids if len(names) < len(self.task_names) else None, generator=generator
@@ -418,7 +425,9 @@ class MultiTaskEngine:
             positions = [self.row_index[t] for t in row_present]
             row_ids = torch.tensor([self.task_ids[t] for t in row_present], device=present.device)
             row_losses = torch.stack([mean_losses[(present == i).nonzero()[0, 0]] for i in row_ids.tolist()])
-            self._combine_rows(positions, row_ids if len(row_present) < len(self.task_names) else None, row_losses, generator)
+            self._combine_rows(
+                positions, row_ids if len(row_present) < len(self.task_names) else None, row_losses, generator
+            )
             self._record_weights(row_present)
             _rescale_method_grads(self.partition.method, method_grads, self.grad_scale)
             for p, view in zip(self.row_params, self.update_views):
@@ -505,7 +514,9 @@ class MultiTaskEngine:
         return logs
 
 
-def _rescale_method_grads(method_params: list[tuple[str, nn.Parameter]], before: list[Tensor | None], grad_scale: float) -> None:
+def _rescale_method_grads(
+    method_params: list[tuple[str, nn.Parameter]], before: list[Tensor | None], grad_scale: float
+) -> None:
     """Gradients a method sets inside `aggregate` (GradNorm) are unscaled; bring them to the loss scale."""
     if grad_scale == 1.0:
         return

@@ -141,9 +141,7 @@ class Accuracy(BuiltinMetric):
 
     def _compute(self, predictions, references, normalize: bool = True, sample_weight=None) -> dict[str, float]:
         return {
-            "accuracy": float(
-                accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
-            )
+            "accuracy": float(accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight))
         }
 
 
@@ -412,8 +410,7 @@ def _to_numpy(array: Any, field: str) -> np.ndarray:
 
 def _shape_error(head_kind: str, predictions: np.ndarray, references: np.ndarray) -> ValueError:
     return ValueError(
-        f"{head_kind}: `predictions` of shape {predictions.shape} do not match "
-        f"`references` of shape {references.shape}"
+        f"{head_kind}: `predictions` of shape {predictions.shape} do not match `references` of shape {references.shape}"
     )
 
 

@@ -164,7 +164,7 @@ class Recipe:
     @classmethod
     def from_yaml(
         cls, path: str | os.PathLike, overrides: Sequence[str] = (), training: Mapping[str, Any] | None = None
-    ) -> "Recipe":
+    ) -> Recipe:
         """Reads a recipe file and applies ``key=value`` overrides (dotted paths).
 
         Args:
@@ -191,7 +191,7 @@ class Recipe:
         return cls.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         """Validates a recipe given as a dict (the YAML tree)."""
         _check_keys("recipe", data, RECIPE_KEYS)
         for required in ("encoders", "data", "tasks"):
@@ -201,19 +201,28 @@ class Recipe:
 
         _check_trunk(data.get("trunk"))
         head_dropout = data.get("head_dropout", 0.1)
-        if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0.0 <= head_dropout < 1.0:
+        if (
+            isinstance(head_dropout, bool)
+            or not isinstance(head_dropout, (int, float))
+            or not 0.0 <= head_dropout < 1.0
+        ):
             raise ValueError(f"recipe: `head_dropout` must be a number in [0, 1), got {head_dropout!r}")
         encoders = {}
         for key, spec in _mapping("encoders", data["encoders"]).items():
             spec = _mapping(f"encoders.{key}", spec)
             _check_keys(f"encoders.{key}", spec, ENCODER_KEYS)
             if (spec.get("config") is None) == (spec.get("pretrained") is None):
-                raise ValueError(f"encoders.{key}: give exactly one of `config` (build from a config) and `pretrained` (a folder)")
+                raise ValueError(
+                    f"encoders.{key}: give exactly one of `config` (build from a config) and `pretrained` (a folder)"
+                )
             if spec.get("config") is not None and "model_type" not in spec["config"]:
                 raise ValueError(f"encoders.{key}.config needs a `model_type` (e.g. bert, vit, wav2vec2)")
             encoders[key] = EncoderSpec(
-                config=spec.get("config"), pretrained=spec.get("pretrained"), processor=spec.get("processor"),
-                collator=dict(spec.get("collator") or {}), freeze=list(spec.get("freeze") or []),
+                config=spec.get("config"),
+                pretrained=spec.get("pretrained"),
+                processor=spec.get("processor"),
+                collator=dict(spec.get("collator") or {}),
+                freeze=list(spec.get("freeze") or []),
             )
         data_specs = {}
         loaders = list_data_loaders()
@@ -228,7 +237,9 @@ class Recipe:
                     raise ValueError(f"data.{key}.{count} must be a positive integer or null, got {value!r}")
             if spec.get("options") is not None:
                 _mapping(f"data.{key}.options", spec["options"])
-            data_specs[key] = DataSpec(**{k: v for k, v in spec.items() if v is not None or k in ("data_dir", "eval_split")})
+            data_specs[key] = DataSpec(
+                **{k: v for k, v in spec.items() if v is not None or k in ("data_dir", "eval_split")}
+            )
         tasks = data["tasks"]
         if not isinstance(tasks, list):
             raise ValueError(f"recipe: `tasks` must be a list of task mappings, got {type(tasks).__name__}")
@@ -244,17 +255,29 @@ class Recipe:
                 raise ValueError(f"task {name!r} is defined twice in `tasks`")
             seen.add(name)
             if task.get("encoder") not in encoders:
-                raise ValueError(f"task {name!r}: `encoder` {task.get('encoder')!r} is not one of the encoders: {', '.join(encoders)}")
+                raise ValueError(
+                    f"task {name!r}: `encoder` {task.get('encoder')!r} is not one of the encoders: {', '.join(encoders)}"
+                )
             if task.get("data") not in data_specs:
-                raise ValueError(f"task {name!r}: `data` {task.get('data')!r} is not one of the data keys: {', '.join(data_specs)}")
-            Task(**{k: v for k, v in task.items() if k != "data"})  # name, head, num_labels, ... checked before any loading
+                raise ValueError(
+                    f"task {name!r}: `data` {task.get('data')!r} is not one of the data keys: {', '.join(data_specs)}"
+                )
+            Task(
+                **{k: v for k, v in task.items() if k != "data"}
+            )  # name, head, num_labels, ... checked before any loading
         training = _check_training(_mapping("training", data.get("training") or {}))
         source = dict(data)
         source["training"] = dict(training)
         return cls(
-            encoders=encoders, data=data_specs, tasks=[dict(t) for t in tasks], training=training,
-            trunk=data.get("trunk"), head_dropout=float(head_dropout),
-            name=data.get("name"), description=data.get("description"), source=source,
+            encoders=encoders,
+            data=data_specs,
+            tasks=[dict(t) for t in tasks],
+            training=training,
+            trunk=data.get("trunk"),
+            head_dropout=float(head_dropout),
+            name=data.get("name"),
+            description=data.get("description"),
+            source=source,
         )
 
     def to_yaml(self) -> str:
@@ -282,7 +305,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if len(parts) == 1 and parts[0] not in RECIPE_KEYS:
         parts = ["training", parts[0]]
     if parts[0] not in RECIPE_KEYS:
-        raise ValueError(f"`--set {override}`: unknown recipe section {parts[0]!r}; valid sections are: {', '.join(RECIPE_KEYS)}")
+        raise ValueError(
+            f"`--set {override}`: unknown recipe section {parts[0]!r}; valid sections are: {', '.join(RECIPE_KEYS)}"
+        )
     node: Any = data
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):  # tasks, addressed by name
@@ -355,12 +380,16 @@ def _check_training(training: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in training.items():
         action = actions.get(key)
         convert = getattr(action, "type", None)
-        if not isinstance(value, str) or not (convert in (int, float) or getattr(convert, "__name__", "") == "string_to_bool"):
+        if not isinstance(value, str) or not (
+            convert in (int, float) or getattr(convert, "__name__", "") == "string_to_bool"
+        ):
             continue
         try:
             converted[key] = convert(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-            kind = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}.get(convert.__name__, "valid")
+            kind = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}.get(
+                convert.__name__, "valid"
+            )
             raise ValueError(f"training.{key} must be {kind}, got {value!r}") from error
     return converted
 
@@ -429,12 +458,18 @@ def build_processor(key: str, spec: EncoderSpec) -> Any | None:
         class_name = options.pop("class", None)
         cls = getattr(transformers, str(class_name), None) if class_name else None
         if cls is None:
-            raise ValueError(f"encoders.{key}.processor.class must name a transformers processor class, got {class_name!r}")
+            raise ValueError(
+                f"encoders.{key}.processor.class must name a transformers processor class, got {class_name!r}"
+            )
         try:
             return cls(**options)
         except (TypeError, ValueError, OSError) as error:
             raise ValueError(f"encoders.{key}.processor: {class_name}({options}) failed: {error}") from error
-    folder = resolve_path(processor) if isinstance(processor, str) else (resolve_path(spec.pretrained) if spec.pretrained else None)
+    folder = (
+        resolve_path(processor)
+        if isinstance(processor, str)
+        else (resolve_path(spec.pretrained) if spec.pretrained else None)
+    )
     if folder is None:
         return None
     for loader in (transformers.AutoTokenizer, transformers.AutoImageProcessor, transformers.AutoFeatureExtractor):
@@ -505,7 +540,11 @@ def _build_collator(key: str, spec: EncoderSpec, processor: Any | None, encoder:
     except TypeError as error:
         import inspect
 
-        valid = [n for n in inspect.signature(what.__init__).parameters if n not in ("self", "tokenizer", "image_processor", "feature_extractor", "processor")]
+        valid = [
+            n
+            for n in inspect.signature(what.__init__).parameters
+            if n not in ("self", "tokenizer", "image_processor", "feature_extractor", "processor")
+        ]
         raise ValueError(
             f"encoders.{key}.collator: {error}; the options of {what.__name__} are: {', '.join(valid)}"
         ) from error
@@ -543,7 +582,11 @@ def build_trainer(recipe: Recipe, args: Any | None = None) -> Any:
                 f"(columns: {', '.join(evaluation.column_names)})"
             )
         head = entry.get("head", "classification")
-        label = _class_label(train.features.get(column)) if train.features and head in ("classification", "token_classification") else None
+        label = (
+            _class_label(train.features.get(column))
+            if train.features and head in ("classification", "token_classification")
+            else None
+        )
         if label is not None:
             if entry.get("num_labels") is None and entry.get("label_names") is None:
                 entry["num_labels"] = int(label.num_classes)

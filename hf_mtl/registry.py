@@ -12,7 +12,8 @@ Unknown names raise a ``ValueError`` that lists every valid name.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -42,7 +42,7 @@ from .registry import Registry
 if TYPE_CHECKING:
     from .engine import MultiTaskEngine
 
-SHARPNESS: Registry[type["Sharpness"]] = Registry("sharpness-aware variant")
+SHARPNESS: Registry[type[Sharpness]] = Registry("sharpness-aware variant")
 
 #: Added to gradient norms before dividing, as in davda54/sam.
 _NORM_EPS = 1e-12
@@ -53,7 +53,7 @@ def list_sharpness() -> list[str]:
     return SHARPNESS.names()
 
 
-def get_sharpness(name: str, **kwargs: Any) -> "Sharpness":
+def get_sharpness(name: str, **kwargs: Any) -> Sharpness:
     """Builds the variant registered as ``name`` (`sam`, `asam`, `fmtl`)."""
     return SHARPNESS.build(name, **kwargs)
 
@@ -147,7 +147,7 @@ class Sharpness:
 
     def accumulate(
         self,
-        engine: "MultiTaskEngine",
+        engine: MultiTaskEngine,
         model: nn.Module,
         batch: Mapping[str, Any],
         scale: float,
@@ -178,7 +178,7 @@ class SAM(Sharpness):
 
     def accumulate(
         self,
-        engine: "MultiTaskEngine",
+        engine: MultiTaskEngine,
         model: nn.Module,
         batch: Mapping[str, Any],
         scale: float,
@@ -255,7 +255,7 @@ class FMTL(Sharpness):
 
     def accumulate(
         self,
-        engine: "MultiTaskEngine",
+        engine: MultiTaskEngine,
         model: nn.Module,
         batch: Mapping[str, Any],
         scale: float,

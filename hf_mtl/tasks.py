@@ -71,7 +71,9 @@ class Task:
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ValueError(f"task {self.name!r}: `encoder` must be the key of an encoder, got {self.encoder!r}")
         if self.head not in HEADS:
-            raise ValueError(f"task {self.name!r}: unknown `head` {self.head!r}; valid heads are: {', '.join(HEADS.names())}")
+            raise ValueError(
+                f"task {self.name!r}: unknown `head` {self.head!r}; valid heads are: {', '.join(HEADS.names())}"
+            )
         if self.num_labels is None:
             if self.label_names is not None:
                 self.num_labels = len(self.label_names)
@@ -106,7 +108,7 @@ class Task:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Task":
+    def from_dict(cls, data: dict[str, Any]) -> Task:
         """A task from a mapping of its fields; an unknown field raises a `ValueError` naming the valid ones."""
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)

@@ -51,7 +51,7 @@ PROCESSORS_DIR = "processors"
 class _MultiTaskCallback(TrainerCallback):
     """Runs the method's hooks that follow the optimizer step (FAMO) and the epoch (DWA)."""
 
-    def __init__(self, trainer: "MultiTaskTrainer") -> None:
+    def __init__(self, trainer: MultiTaskTrainer) -> None:
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -102,15 +102,23 @@ class MultiTaskTrainer(Trainer):
             raise ValueError(f"`args` must be a MultiTaskTrainingArguments, got {type(args).__name__}")
         if not isinstance(model, MultiTaskModel):
             raise ValueError(f"`model` must be a MultiTaskModel, got {type(model).__name__}")
-        for name, value in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset),
-                            ("processing_class", processing_class), ("data_collator", data_collator)):
+        for name, value in (
+            ("train_dataset", train_dataset),
+            ("eval_dataset", eval_dataset),
+            ("processing_class", processing_class),
+            ("data_collator", data_collator),
+        ):
             if value is not None and not isinstance(value, Mapping):
-                raise ValueError(f"`{name}` must be a dict keyed by {'encoder' if name in ('processing_class', 'data_collator') else 'task'}, got {type(value).__name__}")
+                raise ValueError(
+                    f"`{name}` must be a dict keyed by {'encoder' if name in ('processing_class', 'data_collator') else 'task'}, got {type(value).__name__}"
+                )
         self.tasks = dict(model.tasks)
         self.processors = dict(processing_class or {})
         unknown = sorted(set(args.task_batch_sizes) - set(self.tasks))
         if unknown:
-            raise ValueError(f"`task_batch_sizes` names unknown task(s) {unknown}; the tasks are: {', '.join(self.tasks)}")
+            raise ValueError(
+                f"`task_batch_sizes` names unknown task(s) {unknown}; the tasks are: {', '.join(self.tasks)}"
+            )
         self.collators = self._build_collators(model, self.processors, data_collator or {})
         self._heads = model.heads
         self._train_batch_sizes = (dict(args.task_batch_sizes), args.per_device_train_batch_size)
@@ -119,7 +127,9 @@ class MultiTaskTrainer(Trainer):
         self.task_metric_modules = self._build_metrics(task_metrics or {})
         self.method = get_method(args.mtl_method, num_tasks=len(self.tasks), **args.mtl_method_kwargs)
         self.sharpness = (
-            get_sharpness(args.sam, rho=args.sam_rho, adaptive=args.sam_adaptive, eta=args.sam_eta) if args.sam else None
+            get_sharpness(args.sam, rho=args.sam_rho, adaptive=args.sam_adaptive, eta=args.sam_eta)
+            if args.sam
+            else None
         )
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         device = next(model.parameters()).device
@@ -136,7 +146,9 @@ class MultiTaskTrainer(Trainer):
         for name, given in (("processing_class", processors), ("data_collator", collators)):
             unknown = sorted(set(given) - encoders)
             if unknown:
-                raise ValueError(f"`{name}` has entries for unknown encoder(s) {unknown}; the encoders are: {', '.join(sorted(encoders))}")
+                raise ValueError(
+                    f"`{name}` has entries for unknown encoder(s) {unknown}; the encoders are: {', '.join(sorted(encoders))}"
+                )
         built: dict[str, Callable] = {}
         for key in model.encoders:
             if key in collators:
@@ -173,7 +185,9 @@ class MultiTaskTrainer(Trainer):
         """The Trainer's optimizer, plus one parameter group for the method's learnable parameters."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         method_params = [p for p in self.method.parameters() if p.requires_grad]
-        if method_params and not any(p is q for group in optimizer.param_groups for q in group["params"] for p in method_params):
+        if method_params and not any(
+            p is q for group in optimizer.param_groups for q in group["params"] for p in method_params
+        ):
             lr = self.args.mtl_method_learning_rate
             optimizer.add_param_group(
                 {"params": method_params, "weight_decay": 0.0, "lr": self.args.learning_rate if lr is None else lr}
@@ -217,11 +231,20 @@ class MultiTaskTrainer(Trainer):
         scaler = getattr(self.accelerator, "scaler", None)
         # `scaler.scale` (not `get_scale`) creates the scaler's state on the first step, as a backward of
         # `scaler.scale(loss)` would; the engine multiplies every loss by this factor itself
-        grad_scale = float(scaler.scale(torch.ones((), device=self.args.device))) if scaler is not None and scaler.is_enabled() else 1.0
+        grad_scale = (
+            float(scaler.scale(torch.ones((), device=self.args.device)))
+            if scaler is not None and scaler.is_enabled()
+            else 1.0
+        )
         # every backward runs without DDP's reducer: the engine reduces the flat buffer itself
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
             loss = self.engine.micro_step(
-                model, inputs, scale=scale, step=self.state.global_step, micro_index=self._micro_index, grad_scale=grad_scale
+                model,
+                inputs,
+                scale=scale,
+                step=self.state.global_step,
+                micro_index=self._micro_index,
+                grad_scale=grad_scale,
             )
         self._micro_index += 1
         if self.accelerator.sync_gradients:
@@ -268,7 +291,9 @@ class MultiTaskTrainer(Trainer):
                 for task in group.tasks:
                     labels = sub_batch["labels"][task.name]
                     head = model.heads[task.name]
-                    store = collected.setdefault(task.name, {"predictions": [], "references": [], "loss": [], "count": []})
+                    store = collected.setdefault(
+                        task.name, {"predictions": [], "references": [], "loss": [], "count": []}
+                    )
                     predictions = head.predictions(outputs.logits[task.name].float()).cpu().numpy()
                     references = labels.cpu().numpy()
                     if task.head == "token_classification":
@@ -299,7 +324,9 @@ class MultiTaskTrainer(Trainer):
             task = self.tasks[task_name]
             predictions, references = np.asarray(store["predictions"]), np.asarray(store["references"])
             kind = "classification" if task.head == "token_classification" else task.head
-            for key, value in compute_task_metrics(kind, predictions, references, self.task_metric_modules[task_name]).items():
+            for key, value in compute_task_metrics(
+                kind, predictions, references, self.task_metric_modules[task_name]
+            ).items():
                 metrics[f"{metric_key_prefix}_{task_name}_{key}"] = value
             if store["count"]:
                 task_loss = sum(store["loss"]) / sum(store["count"])
@@ -333,14 +360,18 @@ class MultiTaskTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             torch.save(self.mtl_state_dict(), os.path.join(folder, MTL_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, MTL_STATE_NAME)
         if os.path.isfile(path):
-            self.load_mtl_state_dict(torch.load(path, map_location=next(self.model.parameters()).device, weights_only=False))
+            self.load_mtl_state_dict(
+                torch.load(path, map_location=next(self.model.parameters()).device, weights_only=False)
+            )
         else:
             logger.warning(f"{resume_from_checkpoint} has no {MTL_STATE_NAME}: the method's state starts afresh")
 

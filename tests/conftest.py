@@ -25,7 +25,9 @@ def data_dir(name: str) -> Path:
     """The folder of a full data set; CI has ../shared beside the clone."""
     path = DATA_ROOT / name
     if not path.is_dir():
-        pytest.fail(f"the full {name} data set is not at {path}: put ../shared beside the repository or set HF_MTL_DATA")
+        pytest.fail(
+            f"the full {name} data set is not at {path}: put ../shared beside the repository or set HF_MTL_DATA"
+        )
     return path
 
 
@@ -73,8 +75,14 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0, dropout: float = 0.1):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return BertModel(config, add_pooling_layer=False)
 
@@ -85,8 +93,15 @@ def tiny_vision_encoder(seed: int = 0, dropout: float = 0.0):
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return ViTModel(config, add_pooling_layer=False)
 
@@ -97,11 +112,24 @@ def tiny_speech_encoder(seed: int = 0, dropout: float = 0.1):
 
     torch.manual_seed(seed)
     config = Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 32, 32), conv_kernel=(16, 8, 8), conv_stride=(8, 4, 4), feat_extract_norm="layer",
-        do_stable_layer_norm=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=dropout, attention_dropout=dropout,
-        activation_dropout=dropout, feat_proj_dropout=dropout, final_dropout=dropout,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 32, 32),
+        conv_kernel=(16, 8, 8),
+        conv_stride=(8, 4, 4),
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        mask_time_prob=0.0,
+        layerdrop=0.0,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        activation_dropout=dropout,
+        feat_proj_dropout=dropout,
+        final_dropout=dropout,
     )
     return Wav2Vec2Model(config)
 

@@ -36,8 +36,14 @@ def shortened(data_keys=("fsdd", "trec", "uci_digits")) -> list[str]:
 SHORT = shortened()
 
 # Offline, and one thread per process like the in-process tests (conftest.py): the models are tiny.
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-           TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+ENV = dict(
+    os.environ,
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    OMP_NUM_THREADS="1",
+)
 
 
 def hf_mtl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -53,8 +59,18 @@ def test_shortened_quickstart_trains_evaluates_and_saves(tmp_path):
     out = tmp_path / "quickstart"
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a non-empty output_dir is used only with overwrite_output_dir
-    result = hf_mtl("train", str(QUICKSTART), *SHORT, "--set", f"output_dir={out}", "--set", "overwrite_output_dir=true",
-                    "--logging_steps", "1", cwd=tmp_path)
+    result = hf_mtl(
+        "train",
+        str(QUICKSTART),
+        *SHORT,
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "overwrite_output_dir=true",
+        "--logging_steps",
+        "1",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # the per-task table: a header with the metrics, one row per task
@@ -120,14 +136,23 @@ def test_list_names_the_registered_units(tmp_path):
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     assert lines["methods"].split(", ") == list_methods()
     assert {"pcgrad", "cagrad", "mgda", "nash_mtl", "upgrad"} <= set(lines["methods"].split(", "))
-    assert lines["task sampling"].split(", ") == ["all", "annealed", "proportional", "round_robin", "temperature", "uniform"]
+    assert lines["task sampling"].split(", ") == [
+        "all",
+        "annealed",
+        "proportional",
+        "round_robin",
+        "temperature",
+        "uniform",
+    ]
     assert lines["heads"] == "classification, multilabel, regression, token_classification"
     assert lines["data loaders"] == "digits, fsdd, load_dataset, trec"
 
 
 def test_check_validates_without_training(tmp_path):
     out = tmp_path / "out"
-    result = hf_mtl("check", str(QUICKSTART), *SHORT, "--set", f"output_dir={out}", "--mtl_method", "cagrad", cwd=tmp_path)
+    result = hf_mtl(
+        "check", str(QUICKSTART), *SHORT, "--set", f"output_dir={out}", "--mtl_method", "cagrad", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5 tasks (digit, speaker, coarse, fine, handwritten), method cagrad: OK" in result.stdout
     assert not out.exists()
@@ -140,9 +165,13 @@ BAD_INPUTS = {
         ["--set", "trainng.max_steps=3"],
         r"unknown recipe section 'trainng'; valid sections are: name, description, encoders, trunk, head_dropout, data, tasks, training",
     ),
-    "unknown-method": (["--set", "mtl_method=pcgard"], r"`mtl_method` must be one of aligned_mtl, .*pcgrad.*; got 'pcgard'"),
+    "unknown-method": (
+        ["--set", "mtl_method=pcgard"],
+        r"`mtl_method` must be one of aligned_mtl, .*pcgrad.*; got 'pcgard'",
+    ),
     "unknown-method-option": (
-        ["--mtl_method", "pcgard"], r"argument --mtl_method/--mtl-method: invalid choice: 'pcgard' \(choose from .*pcgrad"
+        ["--mtl_method", "pcgard"],
+        r"argument --mtl_method/--mtl-method: invalid choice: 'pcgard' \(choose from .*pcgrad",
     ),
     "unknown-head": (
         ["--set", "tasks.digit.head=ranking"],
@@ -153,7 +182,8 @@ BAD_INPUTS = {
         r"`task_sampling` must be one of all, annealed, proportional, round_robin, temperature, uniform; got 'random'",
     ),
     "task-without-data": (
-        ["--recipe-without-fsdd"], r"task 'digit': `data` 'fsdd' is not one of the data keys: trec, uci_digits"
+        ["--recipe-without-fsdd"],
+        r"task 'digit': `data` 'fsdd' is not one of the data keys: trec, uci_digits",
     ),
     "labels-out-of-range": (
         ["--set", "tasks.digit.num_labels=5"],
@@ -165,7 +195,8 @@ BAD_INPUTS = {
         r"\(or \*\.flac\) and speakers\.csv",
     ),
     "non-empty-output-dir": (
-        ["--output-dir-taken"], r"`output_dir` '.*out' already exists and is not empty; set `overwrite_output_dir=true`"
+        ["--output-dir-taken"],
+        r"`output_dir` '.*out' already exists and is not empty; set `overwrite_output_dir=true`",
     ),
 }
 
@@ -195,9 +226,18 @@ def bad_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, P
                 out.mkdir()
                 (out / "results.txt").write_text("last week's run")
                 extra = []
-            args = [str(HF_MTL), "train", str(recipe), *short, "--set", f"output_dir={out}",
-                    *(arg.format(empty=empty) for arg in extra)]
-            process = subprocess.Popen(args, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            args = [
+                str(HF_MTL),
+                "train",
+                str(recipe),
+                *short,
+                "--set",
+                f"output_dir={out}",
+                *(arg.format(empty=empty) for arg in extra),
+            ]
+            process = subprocess.Popen(
+                args, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             running.append((case, process, out))
         case, process, out = running.pop(0)
         stdout, stderr = process.communicate(timeout=600)

@@ -77,7 +77,10 @@ def test_parameter_partition(setup):
     engine = _engine(model, "pcgrad")
     shared = {name for name, _ in engine.partition.shared}
     assert shared and all(name.startswith("encoders.text.") for name in shared)
-    assert all(name.startswith(("encoders.vision.", "heads.handwritten.")) for name, _ in engine.partition.private["handwritten"])
+    assert all(
+        name.startswith(("encoders.vision.", "heads.handwritten."))
+        for name, _ in engine.partition.private["handwritten"]
+    )
     assert all(name.startswith("heads.coarse.") for name, _ in engine.partition.private["coarse"])
     # only the tasks that reach a shared parameter have a Jacobian row
     assert engine.row_tasks == ["coarse", "fine"]

@@ -98,20 +98,16 @@ def test_hand_computed_values() -> None:
         load_metric("precision", average="binary").compute(predictions=[1, 1, 0], references=[1, 0, 1])["precision"]
         == 0.5
     )
-    assert (
-        load_metric("recall", average="binary").compute(predictions=[1, 1, 0], references=[1, 0, 1])["recall"] == 0.5
-    )
+    assert load_metric("recall", average="binary").compute(predictions=[1, 1, 0], references=[1, 0, 1])["recall"] == 0.5
     # perfect and perfectly inverted binary predictions
     mcc = load_metric("matthews_correlation")
     assert mcc.compute(predictions=[0, 1, 0, 1], references=[0, 1, 0, 1])["matthews_correlation"] == pytest.approx(1.0)
-    assert mcc.compute(predictions=[1, 0, 1, 0], references=[0, 1, 0, 1])["matthews_correlation"] == pytest.approx(
-        -1.0
-    )
+    assert mcc.compute(predictions=[1, 0, 1, 0], references=[0, 1, 0, 1])["matthews_correlation"] == pytest.approx(-1.0)
     mse = load_metric("mse")
     assert mse.compute(predictions=[2.5, 0.0, 2, 8], references=[3, -0.5, 2, 7]) == {"mse": pytest.approx(0.375)}
-    assert mse.compute(predictions=[2.5, 0.0, 2, 8], references=[3, -0.5, 2, 7], squared=False)[
-        "mse"
-    ] == pytest.approx(math.sqrt(0.375))
+    assert mse.compute(predictions=[2.5, 0.0, 2, 8], references=[3, -0.5, 2, 7], squared=False)["mse"] == pytest.approx(
+        math.sqrt(0.375)
+    )
     assert load_metric("mae").compute(predictions=[2.5, 0.0, 2, 8], references=[3, -0.5, 2, 7]) == {
         "mae": pytest.approx(0.5)
     }
@@ -143,9 +139,9 @@ def test_default_average_is_macro() -> None:
 def test_accuracy_and_mcc_match_sklearn() -> None:
     predictions, references = _labels(300, 7, seed=3)
     weights = np.random.default_rng(4).random(300)
-    assert load_metric("accuracy").compute(predictions=predictions, references=references)[
-        "accuracy"
-    ] == pytest.approx(skm.accuracy_score(references, predictions))
+    assert load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"] == pytest.approx(
+        skm.accuracy_score(references, predictions)
+    )
     assert load_metric("accuracy").compute(predictions=predictions, references=references, sample_weight=weights)[
         "accuracy"
     ] == pytest.approx(skm.accuracy_score(references, predictions, sample_weight=weights))
@@ -204,9 +200,7 @@ class ExactAndNear(evaluate.Metric):
         return evaluate.MetricInfo(
             description="exact and near matches",
             citation="",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references):
@@ -224,9 +218,7 @@ class Balanced(evaluate.Metric):
         return evaluate.MetricInfo(
             description="balanced accuracy",
             citation="",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references):

@@ -63,18 +63,24 @@ def real_batch(trec_sample, uci_digits, fsdd_sample, trec_tokenizer):
         "tokens": model.heads["tokens"].collate_labels(token_labels),
     }
     images = VisionCollator()(image_rows)
-    shapes = [[int(r["label"] % 2 == 0), int(r["label"] > 4), None if r["label"] == 0 else int(r["label"] in (0, 6, 8, 9))]
-              for r in image_rows]
+    shapes = [
+        [int(r["label"] % 2 == 0), int(r["label"] > 4), None if r["label"] == 0 else int(r["label"] in (0, 6, 8, 9))]
+        for r in image_rows
+    ]
     shapes[1] = None  # a row with no labels at all
     images["labels"] = {
         "handwritten": model.heads["handwritten"].collate_labels([r["label"] for r in image_rows]),
         "shape": model.heads["shape"].collate_labels(shapes),
     }
     clips = SpeechCollator(max_length_seconds=1.0)(clip_rows)
-    loudness = [[float(np.sqrt(np.mean(np.square(r["audio"])))), float(len(r["audio"]) / r["sampling_rate"])] for r in clip_rows]
+    loudness = [
+        [float(np.sqrt(np.mean(np.square(r["audio"])))), float(len(r["audio"]) / r["sampling_rate"])] for r in clip_rows
+    ]
     loudness[2] = [loudness[2][0], None]
     clips["labels"] = {
-        "digit": model.heads["digit"].collate_labels([r["digit"] for r in clip_rows[:2]] + [-1] + [r["digit"] for r in clip_rows[3:]]),
+        "digit": model.heads["digit"].collate_labels(
+            [r["digit"] for r in clip_rows[:2]] + [-1] + [r["digit"] for r in clip_rows[3:]]
+        ),
         "loudness": model.heads["loudness"].collate_labels(loudness),
     }
     return {"coarse+tokens": text, "handwritten+shape": images, "digit+loudness": clips}
@@ -114,15 +120,23 @@ def test_config_round_trips_tasks_and_label_names(tmp_path, trec_tokenizer):
     assert config.model_type == "hf_mtl"
     assert config.tasks == [task.to_dict() for task in make_tasks()]
     assert config.trunk == TRUNK and config.head_dropout == 0.25
-    assert {key: data["model_type"] for key, data in config.encoders.items()} == {"text": "bert", "vision": "vit", "speech": "wav2vec2"}
+    assert {key: data["model_type"] for key, data in config.encoders.items()} == {
+        "text": "bert",
+        "vision": "vit",
+        "speech": "wav2vec2",
+    }
     reloaded = MultiTaskModel.from_pretrained(tmp_path)
     assert list(reloaded.tasks.values()) == make_tasks()
     assert reloaded.tasks["coarse"].label_names == TREC_COARSE
     assert reloaded.tasks["digit"].label_names == [str(d) for d in range(10)]
     assert reloaded.tasks["handwritten"].label_column == "label"
     assert {name: task.head for name, task in reloaded.tasks.items()} == {
-        "coarse": "classification", "tokens": "token_classification", "handwritten": "classification",
-        "shape": "multilabel", "digit": "classification", "loudness": "regression",
+        "coarse": "classification",
+        "tokens": "token_classification",
+        "handwritten": "classification",
+        "shape": "multilabel",
+        "digit": "classification",
+        "loudness": "regression",
     }
     assert set(list_heads()) == {"classification", "multilabel", "regression", "token_classification"}
     assert reloaded.encoders["speech"].config.conv_dim == [16, 32, 32]
@@ -159,7 +173,9 @@ def test_single_task_call_and_inference_without_labels(trec_tokenizer, real_batc
     assert sorted(by_key.logits) == ["coarse", "handwritten", "shape"] and not by_key.losses
     with pytest.raises(ValueError, match=r"sub-batch 'x' has no `labels` and its key names no task"):
         model({"x": text, "handwritten": images}, tasks=["coarse"])
-    with pytest.raises(ValueError, match=r"`tasks` names unknown task\(s\) \['colour'\]; the model's tasks are: coarse, tokens"):
+    with pytest.raises(
+        ValueError, match=r"`tasks` names unknown task\(s\) \['colour'\]; the model's tasks are: coarse, tokens"
+    ):
         model({"coarse": text}, tasks=["colour"])
 
 
@@ -192,7 +208,9 @@ def test_multilabel_masks_missing_entries_and_rows(heads):
     assert torch.count_nonzero(logits.grad[1:3]) == 0  # the unlabelled rows contribute nothing
     assert logits.grad[0, 1] == 0 and logits.grad[3, 2] == 0 and torch.count_nonzero(logits.grad[0]) == 2
     # NaN marks a missing entry in a label tensor too
-    nan_labels = torch.tensor([[1.0, float("nan"), 0.0], [float("nan")] * 3, [float("nan")] * 3, [0.0, 1.0, float("nan")]])
+    nan_labels = torch.tensor(
+        [[1.0, float("nan"), 0.0], [float("nan")] * 3, [float("nan")] * 3, [0.0, 1.0, float("nan")]]
+    )
     assert head.loss(logits, nan_labels).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -234,8 +252,13 @@ def test_an_unlabelled_sub_batch_gives_zero_task_losses_through_the_model(trec_t
 def test_classification_ignores_missing_labels(heads):
     head = heads["coarse"]
     logits = torch.tensor(
-        [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.5, 0.0, 0.3, 0.1],
-         [0.0, 0.0, 3.0, 0.0, 0.0, 0.0], [-0.5, 0.5, -0.5, 0.5, -0.5, 0.5]],
+        [
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [2.0, -1.0, 0.5, 0.0, 0.3, 0.1],
+            [0.0, 0.0, 3.0, 0.0, 0.0, 0.0],
+            [-0.5, 0.5, -0.5, 0.5, -0.5, 0.5],
+        ],
         requires_grad=True,
     )
     values = [4, -100, None, -1, 1]
@@ -266,11 +289,15 @@ def test_regression_masks_missing_targets(heads):
 
 def test_token_classification_masks_ignored_tokens(heads):
     head = heads["tokens"]
-    logits = torch.tensor([[[0.2, 0.1, -0.3], [1.0, 2.0, 0.0], [0.0, 0.0, 0.0]],
-                           [[0.5, -0.5, 0.0], [0.3, 0.3, 0.9], [2.0, 1.0, 0.0]]], requires_grad=True)
+    logits = torch.tensor(
+        [[[0.2, 0.1, -0.3], [1.0, 2.0, 0.0], [0.0, 0.0, 0.0]], [[0.5, -0.5, 0.0], [0.3, 0.3, 0.9], [2.0, 1.0, 0.0]]],
+        requires_grad=True,
+    )
     labels = head.collate_labels([[2, -100, 1], [0, 2]])
     assert labels.tolist() == [[2, -100, 1], [0, 2, -100]]
-    expected = sum(_cross_entropy(logits[b, t].tolist(), y) for b, t, y in [(0, 0, 2), (0, 2, 1), (1, 0, 0), (1, 1, 2)]) / 4
+    expected = (
+        sum(_cross_entropy(logits[b, t].tolist(), y) for b, t, y in [(0, 0, 2), (0, 2, 1), (1, 0, 0), (1, 1, 2)]) / 4
+    )
     assert head.loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
     head.loss(logits, labels).backward()
     assert torch.count_nonzero(logits.grad[0, 1]) == 0 and torch.count_nonzero(logits.grad[1, 2]) == 0
@@ -291,7 +318,7 @@ def test_task_parameter_names_say_who_reaches_what(trec_tokenizer):
     encoder_of = {t.name: t.encoder for t in make_tasks()}
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert sorted({n for names in reached.values() for n in names}) == sorted(trainable)
-    for name, names in reached.items():
+    for names in reached.values():
         assert names == [n for n in trainable if n in set(names)]  # named_parameters order
         assert "encoders.text.embeddings.word_embeddings.weight" not in names
         for parameter in trainable:
@@ -315,28 +342,46 @@ def test_bad_input_names_the_field_and_the_valid_values(trec_tokenizer):
     from transformers import BertConfig, BertForMaskedLM
 
     text = tiny_text_encoder(trec_tokenizer.vocab_size)
-    with pytest.raises(ValueError, match=r"task 'x': unknown `head` 'ranking'; valid heads are: classification, multilabel, regression, token_classification"):
+    with pytest.raises(
+        ValueError,
+        match=r"task 'x': unknown `head` 'ranking'; valid heads are: classification, multilabel, regression, token_classification",
+    ):
         Task("x", encoder="text", head="ranking")
     with pytest.raises(ValueError, match=r"task 'x' reads `encoder` 'audio', which is not one of the encoders: text"):
         MultiTaskModel.from_encoders({"text": text}, [Task("x", encoder="audio")])
     with pytest.raises(ValueError, match=r"task 'x' is defined twice in `tasks`"):
-        MultiTaskModel.from_encoders({"text": text}, [Task("x", encoder="text"), Task("x", encoder="text", num_labels=3)])
+        MultiTaskModel.from_encoders(
+            {"text": text}, [Task("x", encoder="text"), Task("x", encoder="text", num_labels=3)]
+        )
     with pytest.raises(ValueError, match=r"task 'x': `label_names` has 2 names but `num_labels` is 3"):
         Task("x", encoder="text", num_labels=3, label_names=["a", "b"])
-    with pytest.raises(ValueError, match=r"`encoders`: encoder 'text' must be a transformers PreTrainedModel or the path .*got Linear"):
+    with pytest.raises(
+        ValueError, match=r"`encoders`: encoder 'text' must be a transformers PreTrainedModel or the path .*got Linear"
+    ):
         MultiTaskModel.from_encoders({"text": nn.Linear(2, 2)}, [Task("x", encoder="text")])
-    masked_lm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match=r"encoder 'text' \(BertForMaskedLM\) has weights .*pass the base encoder \(BertModel\)"):
+    masked_lm = BertForMaskedLM(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
+    with pytest.raises(
+        ValueError, match=r"encoder 'text' \(BertForMaskedLM\) has weights .*pass the base encoder \(BertModel\)"
+    ):
         MultiTaskModel.from_encoders({"text": masked_lm}, [Task("x", encoder="text")])
-    with pytest.raises(ValueError, match=r"unknown task field\(s\) \['colour'\]; valid fields are: encoder, head, head_kwargs"):
+    with pytest.raises(
+        ValueError, match=r"unknown task field\(s\) \['colour'\]; valid fields are: encoder, head, head_kwargs"
+    ):
         Task.from_dict({"name": "x", "encoder": "text", "colour": "red"})
-    with pytest.raises(ValueError, match=r"task 'x': unknown `head_kwargs` \['pool'\] for head 'classification'; valid keys are: pooling"):
+    with pytest.raises(
+        ValueError,
+        match=r"task 'x': unknown `head_kwargs` \['pool'\] for head 'classification'; valid keys are: pooling",
+    ):
         Task("x", encoder="text", head_kwargs={"pool": "cls"})
     with pytest.raises(ValueError, match=r"task 'x': `num_labels` must be a positive integer, got 0"):
         Task("x", encoder="text", num_labels=0)
     with pytest.raises(ValueError, match=r"`name` of a task must start with a letter.*got '1st'"):
         Task("1st", encoder="text")
-    with pytest.raises(ValueError, match=r"`trunk` has unknown key\(s\) \['width'\]; valid keys are: hidden_size, num_layers"):
+    with pytest.raises(
+        ValueError, match=r"`trunk` has unknown key\(s\) \['width'\]; valid keys are: hidden_size, num_layers"
+    ):
         MultiTaskModel.from_encoders({"text": text}, [Task("x", encoder="text")], trunk={"width": 8})
     with pytest.raises(ValueError, match=r"`tasks` is empty"):
         MultiTaskModel.from_encoders({"text": text}, [])

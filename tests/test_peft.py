@@ -15,19 +15,30 @@ def test_lora_encoder_trains_its_adapter_and_round_trips(tmp_path, trec_sample, 
     encoder = get_peft_model(
         tiny_text_encoder(trec_tokenizer.vocab_size, dropout=0.0), LoraConfig(r=4, target_modules=["query", "value"])
     )
-    tasks = [Task("coarse", encoder="text", num_labels=6),
-             Task("fine", encoder="text", num_labels=trec_sample["train"].features["fine"].num_classes)]
+    tasks = [
+        Task("coarse", encoder="text", num_labels=6),
+        Task("fine", encoder="text", num_labels=trec_sample["train"].features["fine"].num_classes),
+    ]
     model = MultiTaskModel.from_encoders({"text": encoder}, tasks, head_dropout=0.0)
     assert model.config.adapters["text"]["peft_type"] == "LORA"
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     assert frozen and lora
     args = MultiTaskTrainingArguments(
-        output_dir=str(tmp_path / "out"), mtl_method="pcgrad", max_steps=4, per_device_train_batch_size=8,
-        learning_rate=1e-2, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_pin_memory=False,
+        output_dir=str(tmp_path / "out"),
+        mtl_method="pcgrad",
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
     )
     trainer = MultiTaskTrainer(
-        model=model, args=args, train_dataset={"coarse": trec_sample["train"], "fine": trec_sample["train"]},
+        model=model,
+        args=args,
+        train_dataset={"coarse": trec_sample["train"], "fine": trec_sample["train"]},
         processing_class={"text": trec_tokenizer},
     )
     shared = [name for name, _ in trainer.engine.partition.shared]

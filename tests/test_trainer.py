@@ -40,15 +40,34 @@ def build(tmp_path, fsdd_sample, trec_sample, uci_digits, trec_tokenizer):
         if dropout == 0:
             no_dropout(model)
         options = dict(
-            output_dir=str(tmp_path / "out"), max_steps=40, per_device_train_batch_size=16,
-            per_device_eval_batch_size=64, learning_rate=3e-3, warmup_steps=0, logging_steps=10,
-            save_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+            output_dir=str(tmp_path / "out"),
+            max_steps=40,
+            per_device_train_batch_size=16,
+            per_device_eval_batch_size=64,
+            learning_rate=3e-3,
+            warmup_steps=0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            dataloader_pin_memory=False,
         )
         options.update(overrides)
-        train = {"digit": fsdd_sample["train"], "speaker": fsdd_sample["train"], "coarse": trec_sample["train"],
-                 "fine": trec_sample["train"], "handwritten": uci_digits["train"]}
-        evaluation = {"digit": fsdd_sample["test"], "speaker": fsdd_sample["test"], "coarse": trec_sample["test"],
-                      "fine": trec_sample["test"], "handwritten": uci_digits["test"]}
+        train = {
+            "digit": fsdd_sample["train"],
+            "speaker": fsdd_sample["train"],
+            "coarse": trec_sample["train"],
+            "fine": trec_sample["train"],
+            "handwritten": uci_digits["train"],
+        }
+        evaluation = {
+            "digit": fsdd_sample["test"],
+            "speaker": fsdd_sample["test"],
+            "coarse": trec_sample["test"],
+            "fine": trec_sample["test"],
+            "handwritten": uci_digits["test"],
+        }
         return MultiTaskTrainer(
             model=model,
             args=MultiTaskTrainingArguments(**options),
@@ -82,10 +101,24 @@ def test_gradient_accumulation_equals_the_large_batch(build):
     """Rows accumulate over micro-steps and are combined once: 2 x 8 with accumulation gives the 16-row step.
 
     SGD, because Adam's normalisation would amplify float rounding on near-zero gradient entries."""
-    accumulated = build(dropout=0.0, mtl_method="upgrad", max_steps=2, per_device_train_batch_size=8,
-                        gradient_accumulation_steps=2, learning_rate=0.5, optim="sgd")
-    large = build(dropout=0.0, mtl_method="upgrad", max_steps=2, per_device_train_batch_size=16,
-                  gradient_accumulation_steps=1, learning_rate=0.5, optim="sgd")
+    accumulated = build(
+        dropout=0.0,
+        mtl_method="upgrad",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+    )
+    large = build(
+        dropout=0.0,
+        mtl_method="upgrad",
+        max_steps=2,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+    )
     accumulated.train()
     large.train()
     for (name, a), (_, b) in zip(accumulated.model.named_parameters(), large.model.named_parameters()):
@@ -101,16 +134,25 @@ def test_method_parameters_are_trained_with_their_own_group(build):
 
 
 def test_resume_restores_the_method_state_and_matches_an_uninterrupted_run(build, tmp_path):
-    whole = build(dropout=0.0, mtl_method="dwa", mtl_method_kwargs={"window": 2}, max_steps=6,
-                  output_dir=str(tmp_path / "whole"))
+    whole = build(
+        dropout=0.0, mtl_method="dwa", mtl_method_kwargs={"window": 2}, max_steps=6, output_dir=str(tmp_path / "whole")
+    )
     whole.train()
-    first = build(dropout=0.0, mtl_method="dwa", mtl_method_kwargs={"window": 2}, max_steps=6, save_strategy="steps",
-                  save_steps=3, output_dir=str(tmp_path / "first"))
+    first = build(
+        dropout=0.0,
+        mtl_method="dwa",
+        mtl_method_kwargs={"window": 2},
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        output_dir=str(tmp_path / "first"),
+    )
     first.train()
     checkpoint = tmp_path / "first" / "checkpoint-3"
     assert (checkpoint / "mtl_state.pt").is_file()
-    resumed = build(dropout=0.0, mtl_method="dwa", mtl_method_kwargs={"window": 2}, max_steps=6,
-                    output_dir=str(tmp_path / "first"))
+    resumed = build(
+        dropout=0.0, mtl_method="dwa", mtl_method_kwargs={"window": 2}, max_steps=6, output_dir=str(tmp_path / "first")
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for key, value in whole.method.state_dict().items():
         if torch.is_tensor(value):
@@ -144,8 +186,13 @@ def test_bad_trainer_input_fails_before_training(build, fsdd_sample, trec_sample
     trainer = build(max_steps=1)
     model, args = trainer.model, trainer.args
     common = dict(model=model, args=args, processing_class={"text": trainer.processors["text"]})
-    data = {"digit": fsdd_sample["train"], "speaker": fsdd_sample["train"], "coarse": trec_sample["train"],
-            "fine": trec_sample["train"], "handwritten": uci_digits["train"]}
+    data = {
+        "digit": fsdd_sample["train"],
+        "speaker": fsdd_sample["train"],
+        "coarse": trec_sample["train"],
+        "fine": trec_sample["train"],
+        "handwritten": uci_digits["train"],
+    }
     with pytest.raises(ValueError, match="task 'handwritten' has no data"):
         MultiTaskTrainer(train_dataset={k: v for k, v in data.items() if k != "handwritten"}, **common)
     with pytest.raises(ValueError, match="unknown task.*'colour'"):

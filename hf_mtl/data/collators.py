@@ -184,7 +184,9 @@ class VisionCollator:
         `dict[str, torch.Tensor]`: ``pixel_values`` of shape (B, C, H, W), plus what the processor adds.
     """
 
-    def __init__(self, image_processor: Any = None, image_column: str | None = None, num_channels: int | None = None) -> None:
+    def __init__(
+        self, image_processor: Any = None, image_column: str | None = None, num_channels: int | None = None
+    ) -> None:
         if image_processor is not None:
             from transformers.image_processing_utils import BaseImageProcessor
 
@@ -217,7 +219,9 @@ class VisionCollator:
             if self.image_processor is not None:  # the processor rescales PIL images itself
                 mode = {1: "L", 3: "RGB"}.get(self.num_channels or 0)
                 return image.convert(mode) if mode and image.mode != mode else image
-            array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image, dtype=np.float32) / 255.0
+            array = (
+                np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image, dtype=np.float32) / 255.0
+            )
             array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)  # PIL is (H, W[, C])
         elif isinstance(image, torch.Tensor):
             array = image.detach().cpu().float().numpy()
@@ -315,7 +319,9 @@ class SpeechCollator:
                     f"`feature_extractor` must be a transformers feature extractor (SequenceFeatureExtractor) or None, "
                     f"got {type(feature_extractor).__name__}"
                 )
-        if sampling_rate is not None and (isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0):
+        if sampling_rate is not None and (
+            isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0
+        ):
             raise ValueError(f"`sampling_rate` must be a positive integer or None, got {sampling_rate!r}")
         if max_length_seconds is not None and not max_length_seconds > 0:
             raise ValueError(f"`max_length_seconds` must be > 0 or None, got {max_length_seconds!r}")
@@ -438,7 +444,9 @@ def _modality(part: Any) -> str | None:
     return None
 
 
-def collator_for(processor: Any, modality: str | None = None, **kwargs: Any) -> TextCollator | VisionCollator | SpeechCollator:
+def collator_for(
+    processor: Any, modality: str | None = None, **kwargs: Any
+) -> TextCollator | VisionCollator | SpeechCollator:
     """Builds the collator that fits a processor.
 
     ======================================================  ==================
@@ -473,7 +481,9 @@ def collator_for(processor: Any, modality: str | None = None, **kwargs: Any) -> 
         raise ValueError(f"`modality` must be 'text', 'vision', 'speech' or None, got {modality!r}")
     if isinstance(processor, (TextCollator, VisionCollator, SpeechCollator)):
         if kwargs:
-            raise ValueError(f"collator_for got a ready {type(processor).__name__} and extra arguments {sorted(kwargs)}")
+            raise ValueError(
+                f"collator_for got a ready {type(processor).__name__} and extra arguments {sorted(kwargs)}"
+            )
         return processor
     from transformers.processing_utils import ProcessorMixin
 
@@ -499,7 +509,9 @@ def collator_for(processor: Any, modality: str | None = None, **kwargs: Any) -> 
         processor = parts[modality]
     kind = _modality(processor)
     if kind is None:
-        raise ValueError(f"`processing_class`: cannot build a collator from {type(processor).__name__}; expected {_ACCEPTED}")
+        raise ValueError(
+            f"`processing_class`: cannot build a collator from {type(processor).__name__}; expected {_ACCEPTED}"
+        )
     if modality is not None and kind != modality:
         raise ValueError(f"`modality`={modality!r} but {type(processor).__name__} is a {kind} processor")
     if kind == "text":

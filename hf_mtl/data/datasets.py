@@ -144,9 +144,7 @@ def load_fsdd(data_dir: str | os.PathLike | None = None, sampling_rate: int | No
             "file": Value("string"),
         }
     )
-    columns: dict[str, dict[str, list]] = {
-        split: {name: [] for name in features} for split in ("train", "test")
-    }
+    columns: dict[str, dict[str, list]] = {split: {name: [] for name in features} for split in ("train", "test")}
     for digit, speaker, index, path in entries:
         waveform, rate = sf.read(path, dtype="float32", always_2d=False)
         if waveform.ndim != 1:
@@ -161,9 +159,7 @@ def load_fsdd(data_dir: str | os.PathLike | None = None, sampling_rate: int | No
         column["speaker"].append(speakers.index(speaker))
         column["accent"].append(accents.index(accent_of[speaker]))
         column["file"].append(path.name)
-    return DatasetDict(
-        {split: Dataset.from_dict(column, features=features) for split, column in columns.items()}
-    )
+    return DatasetDict({split: Dataset.from_dict(column, features=features) for split, column in columns.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,9 +221,7 @@ def load_trec(data_dir: str | os.PathLike | None = None) -> DatasetDict:
     root = _resolve_dir(data_dir, "trec")
     paths = {split: root / name for split, name in TREC_FILES.items()}
     if not all(path.is_file() for path in paths.values()):
-        raise ValueError(
-            f"`data_dir` does not hold TREC: {root} must contain {' and '.join(TREC_FILES.values())}"
-        )
+        raise ValueError(f"`data_dir` does not hold TREC: {root} must contain {' and '.join(TREC_FILES.values())}")
     rows = {split: _read_trec_file(path) for split, path in paths.items()}
     fine_names = sorted({label for split_rows in rows.values() for _, label in split_rows})
     fine_index = {name: i for i, name in enumerate(fine_names)}

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset as TorchIterableDataset
@@ -196,7 +197,9 @@ def group_tasks(
     return groups
 
 
-def check_labels(groups: Sequence[TaskGroup], heads: Mapping[str, Any], split: str = "train", require: bool = True) -> None:
+def check_labels(
+    groups: Sequence[TaskGroup], heads: Mapping[str, Any], split: str = "train", require: bool = True
+) -> None:
     """Checks every task's labels before any step runs, with the task's head (``head.check_labels``).
 
     Map-style groups are read whole (one column read for a `datasets.Dataset`); iterable groups are
@@ -618,7 +621,9 @@ def build_dataloader(
                 f"streaming multi-task data is read in one sequence per process: set `dataloader_num_workers` to 0 "
                 f"or 1, got {workers}"
             )
-        dataset = MultiTaskIterableDataset(groups, task_sampler, seed, num_replicas=num_replicas, rank=rank, cycle=cycle)
+        dataset = MultiTaskIterableDataset(
+            groups, task_sampler, seed, num_replicas=num_replicas, rank=rank, cycle=cycle
+        )
         return MultiTaskDataLoader(dataset, batch_size=None, collate_fn=_as_is, **dataloader_kwargs)
     batch_sampler = MultiTaskBatchSampler(
         [int(size) for size in sizes],

@@ -20,13 +20,14 @@ every rank draws the same groups in the same step and a resumed run repeats the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..registry import Registry
 
-SAMPLERS: Registry[type["TaskSampler"]] = Registry("task sampling strategy")
+SAMPLERS: Registry[type[TaskSampler]] = Registry("task sampling strategy")
 
 
 def list_samplers() -> list[str]:
@@ -34,7 +35,7 @@ def list_samplers() -> list[str]:
     return SAMPLERS.names()
 
 
-def get_sampler(name: str, sizes: Sequence[int], **kwargs: Any) -> "TaskSampler":
+def get_sampler(name: str, sizes: Sequence[int], **kwargs: Any) -> TaskSampler:
     """Builds the task sampler registered under ``name`` over groups of ``sizes`` rows.
 
     Args:

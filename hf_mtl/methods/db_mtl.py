@@ -30,6 +30,7 @@ instance can load a checkpoint.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 

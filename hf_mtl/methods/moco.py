@@ -65,8 +65,13 @@ class MoCo(GradientMethod):
         rho: float = 0.0,
     ) -> None:
         super().__init__(num_tasks)
-        for field, value in (("beta", beta), ("beta_sigma", beta_sigma), ("gamma", gamma),
-                             ("gamma_sigma", gamma_sigma), ("rho", rho)):
+        for field, value in (
+            ("beta", beta),
+            ("beta_sigma", beta_sigma),
+            ("gamma", gamma),
+            ("gamma_sigma", gamma_sigma),
+            ("rho", rho),
+        ):
             if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{field}` must be a finite float >= 0, got {value!r}")
         self.beta = float(beta)

@@ -18,7 +18,8 @@ rank and every task run the same backward graph.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from ..registry import Registry
 
 IGNORE_INDEX = -100
 
-HEADS: Registry[type["TaskHead"]] = Registry("head")
+HEADS: Registry[type[TaskHead]] = Registry("head")
 
 
 def list_heads() -> list[str]:
@@ -135,7 +136,9 @@ class TokenClassificationHead(ClassificationHead):
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         labels = _ignore_missing_classes(labels[:, : logits.shape[1]])
         if (labels != IGNORE_INDEX).any():
-            return F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(
+                logits[:, : labels.shape[1]].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+            )
         return logits.sum() * 0.0
 
     def collate_labels(self, values: Sequence[Any]) -> Tensor:
@@ -146,7 +149,9 @@ class TokenClassificationHead(ClassificationHead):
         for row, sequence in enumerate(values):
             if not len(sequence):
                 continue
-            out[row, : len(sequence)] = torch.tensor([IGNORE_INDEX if _is_missing_class(v) else int(v) for v in sequence])
+            out[row, : len(sequence)] = torch.tensor(
+                [IGNORE_INDEX if _is_missing_class(v) else int(v) for v in sequence]
+            )
         return out
 
     def check_labels(self, values: Sequence[Any]) -> str | None:

@@ -13,8 +13,9 @@ one sub-batch read the same encoder, which runs once for all of them. Without la
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -195,7 +196,9 @@ class MultiTaskModel(PreTrainedModel):
         encoder_keys = sorted(config.encoders)
         unknown = sorted(set(config.adapters) - set(config.encoders))
         if unknown:
-            raise ValueError(f"`adapters` names unknown encoder(s) {unknown}; the encoders are: {', '.join(encoder_keys)}")
+            raise ValueError(
+                f"`adapters` names unknown encoder(s) {unknown}; the encoders are: {', '.join(encoder_keys)}"
+            )
         self.encoders = nn.ModuleDict({key: AutoModel.from_config(config.encoder_config(key)) for key in encoder_keys})
         for key, names in config.removed_modules.items():
             for name in names:
@@ -212,7 +215,9 @@ class MultiTaskModel(PreTrainedModel):
         encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in encoder_keys}
         if config.trunk:
             trunk_size = int(config.trunk["hidden_size"])
-            self.trunk: SharedTrunk | None = SharedTrunk(encoder_sizes, trunk_size, int(config.trunk.get("num_layers", 1)))
+            self.trunk: SharedTrunk | None = SharedTrunk(
+                encoder_sizes, trunk_size, int(config.trunk.get("num_layers", 1))
+            )
             head_sizes = {key: trunk_size for key in encoder_sizes}
         else:
             self.trunk = None
@@ -239,7 +244,7 @@ class MultiTaskModel(PreTrainedModel):
         tasks: Iterable[Task | Mapping[str, Any]],
         trunk: Mapping[str, Any] | None = None,
         head_dropout: float = 0.1,
-    ) -> "MultiTaskModel":
+    ) -> MultiTaskModel:
         """Builds a model around existing encoders, keeping their weights.
 
         Args:
@@ -277,7 +282,10 @@ class MultiTaskModel(PreTrainedModel):
         if not task_dicts:
             raise ValueError("`tasks` is empty: a multi-task model needs at least one task")
         config = MultiTaskConfig(
-            encoders={key: base_configs.get(key, getattr(encoder, "config", None)).to_dict() for key, encoder in loaded.items()},
+            encoders={
+                key: base_configs.get(key, getattr(encoder, "config", None)).to_dict()
+                for key, encoder in loaded.items()
+            },
             adapters=adapters,
             tasks=task_dicts,
             trunk=dict(trunk) if trunk else None,
@@ -303,7 +311,9 @@ class MultiTaskModel(PreTrainedModel):
             model.encoders[key] = encoder
         return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_original_format: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, save_original_format: bool = False, **kwargs: Any
+    ) -> None:
         """`PreTrainedModel.save_pretrained`, writing the parameter names as the modules name them.
 
         transformers renames the weights of some encoders (ViT, ...) back to their legacy checkpoint names
@@ -314,7 +324,9 @@ class MultiTaskModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear) and not any(module is m for enc in self.encoders.values() for m in enc.modules()):
+        if isinstance(module, nn.Linear) and not any(
+            module is m for enc in self.encoders.values() for m in enc.modules()
+        ):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -391,7 +403,9 @@ class MultiTaskModel(PreTrainedModel):
         if requested is not None:
             unknown = [n for n in requested if n not in self.tasks]
             if unknown:
-                raise ValueError(f"`tasks` names unknown task(s) {unknown}; the model's tasks are: {', '.join(self.tasks)}")
+                raise ValueError(
+                    f"`tasks` names unknown task(s) {unknown}; the model's tasks are: {', '.join(self.tasks)}"
+                )
         for group_key, sub_batch in batch.items():
             group_labels = sub_batch.get("labels") or {}
             if not isinstance(group_labels, Mapping):

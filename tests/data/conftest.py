@@ -7,7 +7,6 @@ import pytest
 
 from hf_mtl.data import load_fsdd
 
-
 VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
     "how", "far", "is", "it", "from", "denver", "to", "aspen", "?", "what", "e", "-", "coli",

@@ -51,7 +51,9 @@ def test_text_truncation_pairs_and_column(tokenizer):
 
 def test_text_errors(tokenizer):
     collate = TextCollator(tokenizer)
-    with pytest.raises(ValueError, match=r"column 'text' is missing .*columns present: coarse, question.*`text_column`"):
+    with pytest.raises(
+        ValueError, match=r"column 'text' is missing .*columns present: coarse, question.*`text_column`"
+    ):
         collate([{"question": "What is e-coli ?", "coarse": 0}])
     with pytest.raises(ValueError, match=r"column 'text' must hold strings, got int in row 1"):
         collate([{"text": "What ?"}, {"text": 3}])
@@ -76,7 +78,9 @@ def test_vision_grey_images_get_a_channel(digits):
 
 def test_vision_layouts():
     channels_last = np.random.default_rng(0).random((6, 5, 3), dtype=np.float32)
-    batch = VisionCollator(image_column="img")([{"img": channels_last}, {"img": torch.from_numpy(channels_last.copy())}])
+    batch = VisionCollator(image_column="img")(
+        [{"img": channels_last}, {"img": torch.from_numpy(channels_last.copy())}]
+    )
     assert batch["pixel_values"].shape == (2, 3, 6, 5)
     assert torch.allclose(batch["pixel_values"][0], torch.from_numpy(channels_last).permute(2, 0, 1))
     from PIL import Image
@@ -138,12 +142,17 @@ def test_speech_raw_matches_wav2vec2_feature_extractor(fsdd_sample):
     extractor = Wav2Vec2FeatureExtractor(sampling_rate=8000)
     theirs = SpeechCollator(feature_extractor=extractor)(rows)
     assert set(theirs) == {"input_values", "attention_mask"}
-    assert torch.equal(theirs["attention_mask"], ours["attention_mask"]) and theirs["attention_mask"].dtype == torch.long
+    assert (
+        torch.equal(theirs["attention_mask"], ours["attention_mask"]) and theirs["attention_mask"].dtype == torch.long
+    )
     assert torch.allclose(theirs["input_values"], ours["input_values"], atol=1e-4)
 
 
 def test_speech_feature_extractor_at_16khz(fsdd_sample):
-    resampled = [{"audio": np.repeat(np.asarray(row["audio"], dtype=np.float32), 2), "sampling_rate": 16000} for row in _speech_rows(fsdd_sample, 3)]
+    resampled = [
+        {"audio": np.repeat(np.asarray(row["audio"], dtype=np.float32), 2), "sampling_rate": 16000}
+        for row in _speech_rows(fsdd_sample, 3)
+    ]
     collate = collator_for(Wav2Vec2FeatureExtractor())
     batch = collate(resampled)
     lengths = [len(row["audio"]) for row in resampled]
@@ -167,7 +176,9 @@ def test_speech_truncation_and_audio_dicts(fsdd_sample):
 
 def test_speech_errors(fsdd_sample):
     rows = _speech_rows(fsdd_sample)
-    with pytest.raises(ValueError, match=r"sampled at 8000 Hz, but the encoder expects 16000 Hz .*load_fsdd\(sampling_rate=16000\)"):
+    with pytest.raises(
+        ValueError, match=r"sampled at 8000 Hz, but the encoder expects 16000 Hz .*load_fsdd\(sampling_rate=16000\)"
+    ):
         collator_for(Wav2Vec2FeatureExtractor())(rows)  # 16 kHz extractor, 8 kHz clips
     with pytest.raises(ValueError, match="sampled at 8000 Hz"):
         SpeechCollator(sampling_rate=16000)(rows)
@@ -205,7 +216,10 @@ def test_collator_for_processor_parts(tokenizer):
 
 
 def test_collator_for_errors(tokenizer):
-    with pytest.raises(ValueError, match=r"cannot build a collator from dict; expected a tokenizer \(PreTrainedTokenizerBase\), an image processor"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot build a collator from dict; expected a tokenizer \(PreTrainedTokenizerBase\), an image processor",
+    ):
         collator_for({"tokenizer": tokenizer})
     with pytest.raises(ValueError, match="`modality` must be"):
         collator_for(tokenizer, modality="audio")

@@ -35,7 +35,9 @@ class Recording:
 
 
 def _toy(n, num_labels=3, offset=0):
-    return Dataset.from_dict({"id": [offset + i for i in range(n)], "y": [i % num_labels for i in range(n)], "z": [i % 2 for i in range(n)]})
+    return Dataset.from_dict(
+        {"id": [offset + i for i in range(n)], "y": [i % num_labels for i in range(n)], "z": [i % 2 for i in range(n)]}
+    )
 
 
 def _groups(tasks, datasets, make_heads, collators, batch_sizes=None, default_batch_size=4):
@@ -55,7 +57,16 @@ def _groups(tasks, datasets, make_heads, collators, batch_sizes=None, default_ba
 
 def _plan(rank, num_replicas=2, cycle=False, sampler="all", sizes=(10, 7, 1), batch_sizes=(3, 2, 4), **kwargs):
     task_sampler = get_sampler(sampler, list(sizes), seed=5)
-    plan = MultiTaskBatchSampler(list(sizes), list(batch_sizes), task_sampler, seed=5, num_replicas=num_replicas, rank=rank, cycle=cycle, **kwargs)
+    plan = MultiTaskBatchSampler(
+        list(sizes),
+        list(batch_sizes),
+        task_sampler,
+        seed=5,
+        num_replicas=num_replicas,
+        rank=rank,
+        cycle=cycle,
+        **kwargs,
+    )
     return plan, list(plan)
 
 
@@ -69,7 +80,7 @@ def _rows_by_group(steps):
 
 def test_shards_are_disjoint_and_cover_every_group():
     sizes = (10, 7, 1)
-    (plan0, steps0), (plan1, steps1) = _plan(0), _plan(1)
+    (plan0, steps0), (_, steps1) = _plan(0), _plan(1)
     assert len(steps0) == len(steps1) == len(plan0) == max(plan0.batches_per_group())
     rows0, rows1 = _rows_by_group(steps0), _rows_by_group(steps1)
     for group, size in enumerate(sizes):
@@ -89,7 +100,10 @@ def test_groups_smaller_than_the_world():
 
 
 def test_same_groups_on_every_rank_each_step():
-    plans = [_plan(rank, num_replicas=3, cycle=True, sampler="proportional", sizes=(40, 25, 9), batch_sizes=(2, 3, 1))[1] for rank in range(3)]
+    plans = [
+        _plan(rank, num_replicas=3, cycle=True, sampler="proportional", sizes=(40, 25, 9), batch_sizes=(2, 3, 1))[1]
+        for rank in range(3)
+    ]
     assert len({len(steps) for steps in plans}) == 1
     for step in zip(*plans):
         assert len({tuple(sorted({group for group, _ in items})) for items in step}) == 1
@@ -146,27 +160,40 @@ def test_tasks_sharing_a_dataset_travel_as_one_sub_batch(fsdd_sample, make_heads
     for batch, rows in zip(batches, calls):
         assert list(batch) == ["digit+speaker"]
         sub_batch = batch["digit+speaker"]
-        assert sub_batch["input_values"].shape[0] == 6 and sub_batch["attention_mask"].shape == sub_batch["input_values"].shape
+        assert (
+            sub_batch["input_values"].shape[0] == 6
+            and sub_batch["attention_mask"].shape == sub_batch["input_values"].shape
+        )
         assert set(sub_batch["labels"]) == {"digit", "speaker"}
         assert sub_batch["labels"]["digit"].tolist() == [row["digit"] for row in rows]
         assert sub_batch["labels"]["speaker"].tolist() == [row["speaker"] for row in rows]
 
 
 def test_equal_content_is_shared_other_data_is_not(make_heads):
-    tasks = [Task("coarse", "text", num_labels=6), Task("fine", "text", num_labels=60), Task("other", "text", num_labels=6, label_column="coarse")]
+    tasks = [
+        Task("coarse", "text", num_labels=6),
+        Task("fine", "text", num_labels=60),
+        Task("other", "text", num_labels=6, label_column="coarse"),
+    ]
     a, b = load_trec()["train"], load_trec()["train"]  # two loads, one fingerprint
     groups = _groups(tasks, {"coarse": a, "fine": b, "other": a.select(range(10))}, make_heads, {"text": Recording()})
     assert [group.key for group in groups] == ["coarse+fine", "other"]
 
 
 def test_per_task_batch_sizes(make_heads, tokenizer):
-    tasks = [Task("y", "text", num_labels=3), Task("z", "text", num_labels=2), Task("q", "speech", num_labels=3, label_column="y")]
+    tasks = [
+        Task("y", "text", num_labels=3),
+        Task("z", "text", num_labels=2),
+        Task("q", "speech", num_labels=3, label_column="y"),
+    ]
     text = _toy(50)
     text = text.add_column("text", ["what is the city ?"] * 50)
     speech = Dataset.from_dict({"audio": [[0.1] * (10 + i) for i in range(30)], "y": [i % 3 for i in range(30)]})
     collators = {"text": TextCollator(tokenizer), "speech": SpeechCollator()}
     # `z` shares `y`'s dataset and takes the batch size `y` sets; `q` falls back to the default
-    groups = _groups(tasks, {"y": text, "z": text, "q": speech}, make_heads, collators, batch_sizes={"y": 5}, default_batch_size=3)
+    groups = _groups(
+        tasks, {"y": text, "z": text, "q": speech}, make_heads, collators, batch_sizes={"y": 5}, default_batch_size=3
+    )
     assert [(group.key, group.batch_size) for group in groups] == [("y+z", 5), ("q", 3)]
     loader = build_dataloader(groups, sampling="proportional", seed=1, drop_last=True)
     seen = Counter()
@@ -183,7 +210,9 @@ def test_grouping_errors(make_heads):
     tasks = [Task("y", "text", num_labels=3), Task("z", "text", num_labels=2)]
     data = _toy(8)
     collators = {"text": Recording()}
-    with pytest.raises(ValueError, match="share one dataset.* different batch sizes \\(4 vs 8\\) in `task_batch_sizes`"):
+    with pytest.raises(
+        ValueError, match="share one dataset.* different batch sizes \\(4 vs 8\\) in `task_batch_sizes`"
+    ):
         _groups(tasks, {"y": data, "z": data}, make_heads, collators, batch_sizes={"y": 4, "z": 8})
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['w'\]; the tasks are: y, z"):
         _groups(tasks, {"y": data, "z": data, "w": data}, make_heads, collators)
@@ -191,7 +220,10 @@ def test_grouping_errors(make_heads):
         _groups(tasks, {"y": data}, make_heads, collators)
     with pytest.raises(ValueError, match="task 'z' has no data: its `train_dataset` is empty"):
         _groups(tasks, {"y": data, "z": data.select([])}, make_heads, collators)
-    with pytest.raises(ValueError, match=r"task 'y': its `train_dataset` is a DatasetDict with splits \['test', 'train'\]; pass one split"):
+    with pytest.raises(
+        ValueError,
+        match=r"task 'y': its `train_dataset` is a DatasetDict with splits \['test', 'train'\]; pass one split",
+    ):
         _groups(tasks, {"y": load_trec(), "z": data}, make_heads, collators)
     with pytest.raises(ValueError, match="no collator for encoder 'text'"):
         _groups(tasks, {"y": data, "z": data}, make_heads, {"speech": Recording()})
@@ -228,11 +260,16 @@ def test_check_labels_uses_the_heads(make_heads):
     check_labels(groups, heads)
     bad = Dataset.from_dict({"id": [0, 1, 2], "y": [0, 3, None], "z": [1, 0, 1]})
     groups = _groups(tasks, {"y": bad, "z": bad}, make_heads, {"toy": Recording()})
-    with pytest.raises(ValueError, match=r"task 'y': label 3 is outside \[0, 2\] in column 'y' of its `train_dataset` \(num_labels=3"):
+    with pytest.raises(
+        ValueError, match=r"task 'y': label 3 is outside \[0, 2\] in column 'y' of its `train_dataset` \(num_labels=3"
+    ):
         check_labels(groups, heads)
     missing = Dataset.from_dict({"id": [0, 1], "y": [0, 1]})
     groups = _groups(tasks, {"y": missing, "z": missing}, make_heads, {"toy": Recording()})
-    with pytest.raises(ValueError, match=r"task 'z': label column 'z' \(`label_column`\) is not in its `eval_dataset`; columns present: id, y"):
+    with pytest.raises(
+        ValueError,
+        match=r"task 'z': label column 'z' \(`label_column`\) is not in its `eval_dataset`; columns present: id, y",
+    ):
         check_labels(groups, heads, split="eval")
     check_labels(groups, heads, split="eval", require=False)
 
@@ -250,13 +287,19 @@ def test_missing_labels_are_masked_not_counted(make_heads):
 
 
 def test_iterable_dataset_path(make_heads):
-    tasks = [Task("y", "toy", num_labels=3), Task("z", "toy", num_labels=2), Task("w", "toy", num_labels=3, label_column="y")]
+    tasks = [
+        Task("y", "toy", num_labels=3),
+        Task("z", "toy", num_labels=2),
+        Task("w", "toy", num_labels=3, label_column="y"),
+    ]
     stream = _toy(23).to_iterable_dataset(num_shards=1)
     other = _toy(9, offset=100).to_iterable_dataset()
     per_rank = []
     for rank in range(2):
         collator = Recording()
-        groups = _groups(tasks, {"y": stream, "z": stream, "w": other}, make_heads, {"toy": collator}, default_batch_size=5)
+        groups = _groups(
+            tasks, {"y": stream, "z": stream, "w": other}, make_heads, {"toy": collator}, default_batch_size=5
+        )
         assert [group.key for group in groups] == ["y+z", "w"] and all(group.is_iterable for group in groups)
         # training: endless, the sampler's draws are the same on every rank
         loader = build_dataloader(groups, sampling="uniform", seed=11, num_replicas=2, rank=rank)
@@ -268,7 +311,12 @@ def test_iterable_dataset_path(make_heads):
         assert first["ids"].shape == (5,) and set(first["labels"]) == {"y", "z"}
         # evaluation: one pass over each shard, then the loader ends
         evaluation = list(build_dataloader(groups, seed=11, num_replicas=2, rank=rank, cycle=False))
-        per_rank.append({key: [i for batch in evaluation if key in batch for i in batch[key]["ids"].tolist()] for key in ("y+z", "w")})
+        per_rank.append(
+            {
+                key: [i for batch in evaluation if key in batch for i in batch[key]["ids"].tolist()]
+                for key in ("y+z", "w")
+            }
+        )
     for key, rows in (("y+z", range(23)), ("w", range(100, 109))):
         assert not set(per_rank[0][key]) & set(per_rank[1][key])
         assert sorted(per_rank[0][key] + per_rank[1][key]) == list(rows)
@@ -277,7 +325,10 @@ def test_iterable_dataset_path(make_heads):
 def test_iterable_path_errors(make_heads):
     tasks = [Task("y", "toy", num_labels=3)]
     groups = _groups(tasks, {"y": _toy(6).to_iterable_dataset()}, make_heads, {"toy": Recording()})
-    with pytest.raises(ValueError, match=r"`task_sampling`='temperature' weighs task groups by their size.*use one of: all, round_robin, uniform"):
+    with pytest.raises(
+        ValueError,
+        match=r"`task_sampling`='temperature' weighs task groups by their size.*use one of: all, round_robin, uniform",
+    ):
         build_dataloader(groups, sampling="temperature")
     with pytest.raises(ValueError, match="`dataloader_num_workers` to 0 or 1, got 2"):
         build_dataloader(groups, num_workers=2)
@@ -287,7 +338,11 @@ def test_iterable_path_errors(make_heads):
 
 
 def test_full_fsdd_three_tasks_over_two_ranks(fsdd_full, make_heads):
-    tasks = [Task("digit", "speech", num_labels=10), Task("speaker", "speech", num_labels=6), Task("accent", "speech", num_labels=4)]
+    tasks = [
+        Task("digit", "speech", num_labels=10),
+        Task("speaker", "speech", num_labels=6),
+        Task("accent", "speech", num_labels=4),
+    ]
     heads = make_heads(tasks)
     train = fsdd_full["train"].select_columns(["file", "digit", "speaker", "accent"])  # no audio: fast
 
@@ -296,7 +351,13 @@ def test_full_fsdd_three_tasks_over_two_ranks(fsdd_full, make_heads):
 
     seen = []
     for rank in range(2):
-        groups = _groups(tasks, {name: train for name in ("digit", "speaker", "accent")}, make_heads, {"speech": files}, default_batch_size=64)
+        groups = _groups(
+            tasks,
+            {name: train for name in ("digit", "speaker", "accent")},
+            make_heads,
+            {"speech": files},
+            default_batch_size=64,
+        )
         check_labels(groups, heads)
         loader = build_dataloader(groups, seed=0, num_replicas=2, rank=rank, cycle=False)
         assert len(loader) == 22  # ceil(1350 / 64)

@@ -37,7 +37,12 @@ def test_registry():
 
 @pytest.mark.parametrize(
     "sizes, message",
-    [([], "at least one task group"), ([10, 0], "positive integers"), ([10, -3], "positive integers"), ([2.5], "positive")],
+    [
+        ([], "at least one task group"),
+        ([10, 0], "positive integers"),
+        ([10, -3], "positive integers"),
+        ([2.5], "positive"),
+    ],
 )
 def test_bad_sizes(sizes, message):
     with pytest.raises(ValueError, match=message):
@@ -64,8 +69,15 @@ def test_temperature_two():
 
 def test_temperature_limits():
     # T = 1 is proportional; a very high T tends to uniform
-    assert torch.allclose(get_sampler("temperature", SIZES, temperature=1.0).probabilities(), get_sampler("proportional", SIZES).probabilities())
-    assert torch.allclose(get_sampler("temperature", SIZES, temperature=1e6).probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(
+        get_sampler("temperature", SIZES, temperature=1.0).probabilities(),
+        get_sampler("proportional", SIZES).probabilities(),
+    )
+    assert torch.allclose(
+        get_sampler("temperature", SIZES, temperature=1e6).probabilities(),
+        torch.full((3,), 1 / 3, dtype=torch.float64),
+        atol=1e-4,
+    )
 
 
 def test_uniform():

@@ -39,8 +39,22 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, method, samp
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(SCRIPT), str(one), method, "8", sampling], cwd=tmp_path)
     _run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(SCRIPT), str(two), method, "4", sampling],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(SCRIPT),
+            str(two),
+            method,
+            "4",
+            sampling,
+        ],
         cwd=tmp_path,
     )
     single, double = torch.load(one / "result.pt"), torch.load(two / "result.pt")

@@ -52,15 +52,33 @@ def main() -> None:
     model = no_dropout(MultiTaskModel.from_encoders(encoders, tasks, head_dropout=0.0))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MultiTaskTrainingArguments(
-        output_dir=str(Path(out) / "run"), overwrite_output_dir=True, mtl_method=method, task_sampling=sampling,
-        max_steps=int(__import__("os").environ.get("TINY_STEPS", "3")), per_device_train_batch_size=batch_size, learning_rate=0.5, optim="sgd", warmup_steps=0,
-        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_pin_memory=False, logging_steps=1,
+        output_dir=str(Path(out) / "run"),
+        overwrite_output_dir=True,
+        mtl_method=method,
+        task_sampling=sampling,
+        max_steps=int(__import__("os").environ.get("TINY_STEPS", "3")),
+        per_device_train_batch_size=batch_size,
+        learning_rate=0.5,
+        optim="sgd",
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
+        logging_steps=1,
     )
     trainer = MultiTaskTrainer(
-        model=model, args=args,
-        train_dataset={"digit": fsdd["train"], "speaker": fsdd["train"], "coarse": trec["train"],
-                       "fine": trec["train"], "handwritten": digits["train"]},
+        model=model,
+        args=args,
+        train_dataset={
+            "digit": fsdd["train"],
+            "speaker": fsdd["train"],
+            "coarse": trec["train"],
+            "fine": trec["train"],
+            "handwritten": digits["train"],
+        },
         eval_dataset={"digit": fsdd["test"], "coarse": trec["test"], "handwritten": digits["test"]},
         processing_class={"text": tokenizer},
         data_collator={"speech": SpeechCollator(max_length_seconds=0.5)},
@@ -69,9 +87,13 @@ def main() -> None:
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         torch.save(
-            {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "initial": initial,
-             "world_size": trainer.args.world_size, "metrics": metrics,
-             "distributed_type": str(trainer.accelerator.distributed_type)},
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "initial": initial,
+                "world_size": trainer.args.world_size,
+                "metrics": metrics,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+            },
             Path(out) / "result.pt",
         )
 

@@ -29,6 +29,7 @@ def _aggregate(method, jacobian: torch.Tensor, seed: int = 0) -> torch.Tensor:
     losses = torch.linspace(1.0, 2.0, jacobian.shape[0])
     return method.aggregate(jacobian, losses=losses, generator=torch.Generator().manual_seed(seed))
 
+
 BASES = [("imtl", {"loss_balancing": False}), ("pcgrad", {}), ("aligned_mtl", {})]
 
 

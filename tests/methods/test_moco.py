@@ -12,8 +12,16 @@ from hf_mtl.methods import get_method
 class ReferenceMoCo:
     """LibMTL's ``MoCo.backward`` transcribed line by line (rows of ``grads`` are tasks)."""
 
-    def __init__(self, num_tasks: int, grad_dim: int, beta: float, beta_sigma: float, gamma: float,
-                 gamma_sigma: float, rho: float) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        grad_dim: int,
+        beta: float,
+        beta_sigma: float,
+        gamma: float,
+        gamma_sigma: float,
+        rho: float,
+    ) -> None:
         self.task_num = num_tasks
         self.step = 0
         self.y = torch.zeros(num_tasks, grad_dim, dtype=torch.float64)
