@@ -24,7 +24,8 @@ engine (`hf_mtl/engine.py`) calls it, with x = (x₁, x₂) in the place of the 
 
 There is no gradient clipping (nash-mtl's Nash-MTL clips its own update to norm 1; under Adam a
 near-constant rescale changes little), and the method parameters share x's lr (nash-mtl's toy gives
-them 0.025). Toy-specific method settings (``toy_kwargs``) follow the reference toy scripts: CAGrad c = 0.5 with /(1 + c); FAMO γ = 0 and ``min_losses = (−21·scale, −21)``; DWA on
+them 0.025). Toy-specific method settings (``toy_kwargs``) follow the reference toy scripts: CAGrad
+c = 0.5 with /(1 + c); FAMO γ = 0 and ``min_losses = (−21·scale, −21)``; DWA on
 25-step windows (nash-mtl's); STCH's nadir from the first 100 steps. Every other method runs with
 its defaults. A method that raises or returns a non-finite update is recorded and its point frozen
 there; nothing is skipped.
@@ -213,7 +214,9 @@ def run_method(
                     if alive[i]:
                         alive[i] = False
                         values = [p.grad.tolist() for p in own_params[i] if p.grad is not None]
-                        errors[i] = f"step {step}: non-finite update {update[i].tolist()} (method parameter grads {values})"
+                        errors[i] = (
+                            f"step {step}: non-finite update {update[i].tolist()} (method parameter grads {values})"
+                        )
                 update[bad] = 0.0
             for i in (~alive).nonzero().flatten().tolist():
                 for p in own_params[i]:
@@ -288,7 +291,8 @@ def plot_results(
     mesh = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), dim=-1).reshape(-1, 2)
     surfaces = {name: toy_losses(mesh, problem.scale).sum(-1).reshape(161, 161) for name, problem in PROBLEMS.items()}
     # levels at quantiles of the surface, so that the flat logarithmic half (x₂ > 0) gets lines too
-    levels = {name: torch.quantile(surface.flatten(), torch.linspace(0.02, 0.98, 18)).unique().tolist() for name, surface in surfaces.items()}
+    quantiles = torch.linspace(0.02, 0.98, 18)
+    levels = {name: torch.quantile(surface.flatten(), quantiles).unique().tolist() for name, surface in surfaces.items()}
     colours = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
     panels = [(result, problem) for result in results for problem in problems]
     rows = math.ceil(len(panels) / columns)
@@ -305,7 +309,9 @@ def plot_results(
             axis.plot(path_xy[:, 0], path_xy[:, 1], color=colour, linewidth=1.1)
             axis.plot(*run["init"], marker="o", markersize=4, markerfacecolor="none", color=colour)
             end_marker = "X" if run["error"] else "*"
-            axis.plot(*run["final_x"], marker=end_marker, markersize=7, color=colour, markeredgecolor="black", markeredgewidth=0.4)
+            axis.plot(
+                *run["final_x"], marker=end_marker, markersize=7, color=colour, markeredgecolor="black", markeredgewidth=0.4
+            )
         reached = sum(run["on_pareto"] for run in runs)
         failed = sum(run["error"] is not None for run in runs)
         note = f"{reached}/{len(runs)} on P" + (f", {failed} failed" if failed else "")
@@ -350,12 +356,16 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Adam steps per run (default {DEFAULT_STEPS}; papers 100k / 35k)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"Adam steps per run (default {DEFAULT_STEPS}; papers 100k / 35k)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the papers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random methods' generators")
     parser.add_argument("--methods", nargs="+", default=None, help="method names (default: every registered method)")
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS), help="which toys (default both)")
+    parser.add_argument(
+        "--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS), help="which toys (default both)"
+    )
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "images" / "toy_pareto.png")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "toy_pareto_results.json")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -397,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
             "pareto_tolerance": PARETO_TOLERANCE,
             "pareto_segment": {"x2": PARETO_X2, "x1": list(PARETO_X1)},
             "problems": {
-                n: {"scale": PROBLEMS[n].scale, "inits": [list(i) for i in PROBLEMS[n].inits], "paper_steps": PROBLEMS[n].spec_steps}
+                n: {
+                    "scale": PROBLEMS[n].scale,
+                    "inits": [list(i) for i in PROBLEMS[n].inits],
+                    "paper_steps": PROBLEMS[n].spec_steps,
+                }
                 for n in problems
             },
             "method_kwargs": {

@@ -32,7 +32,7 @@ NASH_INITS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 
 
 def toy_losses(x: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-    """``(f₁, f₂)`` at the points ``x`` (shape (N, 2) or (2,)); ``scale`` multiplies f₁ (per point if a tensor)."""
+    """``(f₁, f₂)`` at the points ``x``, shape (N, 2) or (2,); ``scale`` multiplies f₁ (per point if a tensor)."""
     x1, x2 = x[..., 0], x[..., 1]
     h1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), min=LOWER).log() + 6
     h2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), min=LOWER).log() + 6
