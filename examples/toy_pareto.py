@@ -292,7 +292,9 @@ def plot_results(
     surfaces = {name: toy_losses(mesh, problem.scale).sum(-1).reshape(161, 161) for name, problem in PROBLEMS.items()}
     # levels at quantiles of the surface, so that the flat logarithmic half (x₂ > 0) gets lines too
     quantiles = torch.linspace(0.02, 0.98, 18)
-    levels = {name: torch.quantile(surface.flatten(), quantiles).unique().tolist() for name, surface in surfaces.items()}
+    levels = {
+        name: torch.quantile(surface.flatten(), quantiles).unique().tolist() for name, surface in surfaces.items()
+    }
     colours = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
     panels = [(result, problem) for result in results for problem in problems]
     rows = math.ceil(len(panels) / columns)
@@ -310,7 +312,12 @@ def plot_results(
             axis.plot(*run["init"], marker="o", markersize=4, markerfacecolor="none", color=colour)
             end_marker = "X" if run["error"] else "*"
             axis.plot(
-                *run["final_x"], marker=end_marker, markersize=7, color=colour, markeredgecolor="black", markeredgewidth=0.4
+                *run["final_x"],
+                marker=end_marker,
+                markersize=7,
+                color=colour,
+                markeredgecolor="black",
+                markeredgewidth=0.4,
             )
         reached = sum(run["on_pareto"] for run in runs)
         failed = sum(run["error"] is not None for run in runs)
@@ -358,7 +365,10 @@ def report(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"Adam steps per run (default {DEFAULT_STEPS}; papers 100k / 35k)"
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"Adam steps per run (default {DEFAULT_STEPS}; papers 100k / 35k)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the papers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random methods' generators")
