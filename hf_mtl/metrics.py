@@ -250,6 +250,19 @@ class MatthewsCorrelation(BuiltinMetric):
         return {"matthews_correlation": float(matthews_corrcoef(references, predictions, sample_weight=sample_weight))}
 
 
+def majority_class_accuracy(labels: Sequence[Any]) -> float:
+    """The accuracy of always predicting the most frequent label: a chance level for single-label tasks.
+
+    ``max_c |{i : y_i = c}| / n`` over the labels that are present; ``None`` and negative labels
+    (the ``-100`` of a missing label) are left out. Returns ``nan`` when no label is present.
+    """
+    present = [int(label) for label in labels if label is not None and int(label) >= 0]
+    if not present:
+        return math.nan
+    _, counts = np.unique(np.asarray(present), return_counts=True)
+    return float(counts.max()) / len(present)
+
+
 def _regression_error(fn, predictions, references, sample_weight, multioutput) -> Any:
     value = fn(references, predictions, sample_weight=sample_weight, multioutput=multioutput)
     return float(value) if np.ndim(value) == 0 else value
@@ -759,5 +772,6 @@ __all__ = [
     "gradient_conflict_from_gramian",
     "list_metrics",
     "load_metric",
+    "majority_class_accuracy",
     "resolve_metrics",
 ]

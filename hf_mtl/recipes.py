@@ -558,6 +558,8 @@ def build_trainer(recipe: Recipe, args: Any | None = None) -> Any:
         args (`MultiTaskTrainingArguments`, *optional*): the arguments, when already parsed
             (`training_arguments`); parsed from ``recipe.training`` otherwise.
     """
+    from transformers import set_seed
+
     from .modeling import MultiTaskModel
     from .tasks import Task
     from .trainer import MultiTaskTrainer
@@ -596,6 +598,8 @@ def build_trainer(recipe: Recipe, args: Any | None = None) -> Any:
         train_sets[entry["name"]] = train
         if evaluation is not None:
             eval_sets[entry["name"]] = evaluation
+    # encoders and heads built from configs start from the run's seed, as with `Trainer(model_init=...)`
+    set_seed(args.seed)
     encoders = {key: build_encoder(key, spec) for key, spec in recipe.encoders.items()}
     processors = {key: p for key, spec in recipe.encoders.items() if (p := build_processor(key, spec)) is not None}
     for key, encoder in encoders.items():

@@ -259,7 +259,17 @@ class MultiTaskTrainer(Trainer):
         super().log(logs, start_time)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        return 0
+        """The Trainer's FLOP estimate (``state.total_flos``) for a multi-task batch: its rule, 6 x input
+        tokens x non-embedding parameters (forward and backward), per sub-batch with that sub-batch's encoder,
+        summed. Heads, extra backwards and SAM's second pass are not counted."""
+        model = self.accelerator.unwrap_model(self.model)
+        total = 0
+        for key, sub_batch in inputs.items():
+            encoder = model.encoders[model.tasks[key.split("+")[0]].encoder]
+            main_input = getattr(encoder, "main_input_name", "input_ids")
+            if main_input in sub_batch and hasattr(encoder, "num_parameters"):
+                total += 6 * sub_batch[main_input].numel() * encoder.num_parameters(exclude_embeddings=True)
+        return total
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(

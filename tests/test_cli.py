@@ -11,12 +11,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hf_mtl import MultiTaskModel, MultiTaskTrainingArguments, list_methods
+from hf_mtl.data import load_digits, load_fsdd, load_trec
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -76,10 +78,21 @@ def test_shortened_quickstart_trains_evaluates_and_saves(tmp_path):
     # the per-task table: a header with the metrics, one row per task
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["task"])
-    assert lines[header].split() == ["task", "accuracy", "f1", "loss"]
+    assert lines[header].split() == ["task", "accuracy", "f1", "loss", "majority"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[header + 2 : header + 2 + len(TASKS)]}
     assert list(rows) == list(TASKS)
-    assert all(len(values) == 3 and all(re.fullmatch(r"\d+\.\d{4}", v) for v in values) for values in rows.values())
+    assert all(len(values) == 4 and all(re.fullmatch(r"\d+\.\d{4}", v) for v in values) for values in rows.values())
+    # the majority baseline: the most frequent label's share of the first 16 rows of each eval split
+    eval_labels = {
+        "digit": load_fsdd()["test"]["digit"][:16],
+        "speaker": load_fsdd()["test"]["speaker"][:16],
+        "coarse": load_trec()["test"]["coarse"][:16],
+        "fine": load_trec()["test"]["fine"][:16],
+        "handwritten": load_digits()["test"]["label"][:16],
+    }
+    for task, labels in eval_labels.items():
+        expected = max(Counter(labels).values()) / len(labels)
+        assert float(rows[task][3]) == pytest.approx(expected, abs=5e-5), task
 
     metrics = json.loads((out / "eval_results.json").read_text())
     for task in TASKS:

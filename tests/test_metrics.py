@@ -24,6 +24,7 @@ from hf_mtl.metrics import (
     gradient_conflict_from_gramian,
     list_metrics,
     load_metric,
+    majority_class_accuracy,
     resolve_metrics,
 )
 
@@ -535,3 +536,10 @@ def test_gradient_conflict_properties_on_random_matrices() -> None:
         expected = (jacobian[rows] * jacobian[cols]).sum(-1).lt(0).double().mean()
         assert float(result.conflict_fraction) == pytest.approx(float(expected))
         torch.testing.assert_close(gradient_conflict_from_gramian(jacobian @ jacobian.T).cosine, result.cosine)
+
+
+def test_majority_class_accuracy_counts_the_most_frequent_present_label():
+    # 3 of the 5 present labels are 2; the missing labels (-100, None) are left out
+    assert majority_class_accuracy([2, 0, 2, -100, 1, 2, None]) == pytest.approx(3 / 5)
+    assert majority_class_accuracy(np.array([4, 4, 4, 4])) == 1.0
+    assert math.isnan(majority_class_accuracy([-100, -100]))

@@ -431,3 +431,19 @@ def test_a_data_dir_without_the_data_set_is_named(small_recipe, tmp_path):
         r"recordings/\*\.wav \(or \*\.flac\) and speakers\.csv",
     ):
         build_trainer(Recipe.from_yaml(small_recipe(), [f"data.fsdd.data_dir={empty}"]))
+
+
+def test_models_built_from_configs_start_from_the_runs_seed(small_recipe):
+    """The encoders and heads built from configs are initialised after `set_seed(seed)`: a recipe builds
+    the same model every time, and another seed builds another one."""
+
+    def initial_parameters(seed: int) -> list[torch.Tensor]:
+        trainer = build_trainer(Recipe.from_yaml(small_recipe(), [f"training.seed={seed}"]))
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    torch.manual_seed(123)  # whatever the global generator holds before building
+    first = initial_parameters(7)
+    torch.randn(1000)
+    again, other = initial_parameters(7), initial_parameters(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, other))

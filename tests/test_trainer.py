@@ -260,3 +260,16 @@ def test_a_user_evaluate_module_is_reported_per_task(build):
     assert metrics["eval_handwritten_neighbour"] == pytest.approx(float((np.abs(predictions - labels) == 1).mean()))
     assert metrics["eval_handwritten_accuracy"] == pytest.approx(float((predictions == labels).mean()))
     assert "eval_handwritten_f1" not in metrics and "eval_coarse_f1" in metrics
+
+
+def test_floating_point_ops_sum_each_encoders_estimate_over_the_sub_batches(build):
+    trainer = build(max_steps=2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    encoders = trainer.model.encoders
+    expected = 0
+    for key, encoder in (("digit+speaker", "speech"), ("coarse+fine", "text"), ("handwritten", "vision")):
+        tokens = batch[key][encoders[encoder].main_input_name].numel()
+        expected += 6 * tokens * encoders[encoder].num_parameters(exclude_embeddings=True)
+    assert expected > 0 and trainer.floating_point_ops(batch) == expected
+    trainer.train()
+    assert trainer.state.total_flos > 0

@@ -228,7 +228,7 @@ def check_labels(
                         f"`{split}_dataset`; columns present: {', '.join(columns)}"
                     )
                 continue
-            values = _label_values(group.dataset, column)
+            values = label_values(group.dataset, column)
             problem = heads[task.name].check_labels(values)
             if problem:
                 raise ValueError(
@@ -246,7 +246,8 @@ def _column_names(dataset: Any) -> list[str] | None:
     return None
 
 
-def _label_values(dataset: Any, column: str) -> list[Any]:
+def label_values(dataset: Any, column: str) -> list[Any]:
+    """Every value of ``column`` in a map-style dataset; one column read for a `datasets.Dataset`."""
     try:
         import datasets as hf_datasets
 
