@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 from transformers import HfArgumentParser
 
 from . import recipes
-from .data.loader import label_values
-from .metrics import majority_class_accuracy
 from .training_args import MultiTaskTrainingArguments
 
 if TYPE_CHECKING:
@@ -119,6 +117,9 @@ def _check_output_dir(args: MultiTaskTrainingArguments) -> None:
 
 def _majority_baselines(trainer: MultiTaskTrainer) -> dict[str, float]:
     """Task -> the accuracy of always predicting its most frequent eval label (single-label tasks, map-style data)."""
+    from .data.loader import label_values
+    from .metrics import majority_class_accuracy
+
     baselines = {}
     for group in trainer.eval_groups or []:
         if group.is_iterable:
