@@ -49,6 +49,48 @@ def _is_distributed() -> bool:
 
 
 @dataclass
+class ParameterBlock:
+    """Shared parameters that the same set of tasks reaches: one encoder read by its modality's tasks, a
+    trunk read by all. Each block is its own method problem (its tasks' rows over its parameters).
+
+    Args:
+        tasks (`tuple[str, ...]`): the tasks that reach every parameter of the block, in task order.
+        params (`list[tuple[str, nn.Parameter]]`): the block's parameters, in ``named_parameters`` order.
+    """
+
+    tasks: tuple[str, ...]
+    params: list[tuple[str, nn.Parameter]]
+
+    @property
+    def size(self) -> int:
+        return sum(p.numel() for _, p in self.params)
+
+
+def parameter_blocks(model: nn.Module, task_names: list[str] | None = None) -> list[ParameterBlock]:
+    """The shared trainable parameters of ``model`` grouped by the set of tasks that reach them.
+
+    A parameter reached by two or more tasks (``model.task_parameter_names()``) belongs to the block of
+    exactly that set of tasks; blocks are listed in the order of their first parameter. On the quickstart
+    model: the speech encoder (digit, speaker) and the text encoder (coarse, fine); the vision encoder has
+    one task and is no block. With a shared trunk: each encoder with its trunk projection, and the trunk
+    blocks (every task).
+    """
+    reached = model.task_parameter_names()
+    order = list(task_names) if task_names is not None else list(reached)
+    owners: dict[str, list[str]] = {}
+    for task in order:
+        for name in reached.get(task, ()):
+            owners.setdefault(name, []).append(task)
+    blocks: dict[tuple[str, ...], ParameterBlock] = {}
+    for name, param in model.named_parameters():
+        tasks = tuple(owners.get(name, ()))
+        if not param.requires_grad or len(tasks) < 2:
+            continue
+        blocks.setdefault(tasks, ParameterBlock(tasks=tasks, params=[])).params.append((name, param))
+    return list(blocks.values())
+
+
+@dataclass
 class ParameterPartition:
     """Which trainable parameters are shared (Jacobian columns), task-private, or the method's own.
 

@@ -18,7 +18,7 @@ from hf_mtl.data.sampling import step_generator
 from hf_mtl.engine import _METHOD_SALT, MultiTaskEngine
 from hf_mtl.methods import get_method
 
-from .conftest import tiny_text_encoder, tiny_vision_encoder
+from .conftest import tiny_speech_encoder, tiny_text_encoder, tiny_vision_encoder
 
 TASKS = ["coarse", "fine", "handwritten"]
 
@@ -263,3 +263,37 @@ def test_logs_average_losses_and_weights(setup):
     assert sum(logs[f"weight/{t}"] for t in TASKS[:2]) == pytest.approx(1.0, abs=1e-5)
     assert "weight/handwritten" not in logs
     assert engine.pop_logs() == {}
+
+
+def test_parameter_blocks_group_shared_parameters_by_the_tasks_that_reach_them(trec_tokenizer):
+    from hf_mtl.engine import parameter_blocks
+
+    tasks = [
+        Task("digit", encoder="speech", num_labels=10),
+        Task("speaker", encoder="speech", num_labels=6),
+        Task("coarse", encoder="text", num_labels=6),
+        Task("fine", encoder="text", num_labels=50),
+        Task("handwritten", encoder="vision", num_labels=10),
+    ]
+    encoders = {
+        "speech": tiny_speech_encoder(),
+        "text": tiny_text_encoder(trec_tokenizer.vocab_size),
+        "vision": tiny_vision_encoder(),
+    }
+    model = MultiTaskModel.from_encoders(encoders, tasks)
+    blocks = parameter_blocks(model)
+    assert [b.tasks for b in blocks] == [("digit", "speaker"), ("coarse", "fine")]
+    speech = {n for n, p in model.named_parameters() if n.startswith("encoders.speech.") and p.requires_grad}
+    assert {n for n, _ in blocks[0].params} == speech
+    assert blocks[1].size == sum(p.numel() for p in model.encoders["text"].parameters() if p.requires_grad)
+    with_trunk = MultiTaskModel.from_encoders(encoders, tasks, trunk={"hidden_size": 16, "num_layers": 1})
+    blocks = parameter_blocks(with_trunk)
+    assert [b.tasks for b in blocks] == [
+        ("digit", "speaker"),
+        ("coarse", "fine"),
+        ("digit", "speaker", "coarse", "fine", "handwritten"),
+    ]
+    assert {n for n, _ in blocks[0].params} == speech | {
+        n for n, _ in with_trunk.named_parameters() if n.startswith("trunk.projections.speech.")
+    }
+    assert all(n.startswith("trunk.blocks.") for n, _ in blocks[2].params)
