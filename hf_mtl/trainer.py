@@ -11,8 +11,9 @@ What it adds to a plain `Trainer`:
   object share one sub-batch (their encoder runs once for all of them).
 - ``processing_class`` (or ``data_collator``) maps encoder keys to processors (or collators).
 - the method's learnable parameters join the optimizer as their own parameter group;
-- the method's state (and F-MTL's second method's) is saved in every checkpoint (``mtl_state.pt``) and
-  restored on resume;
+- the engine's state (each method problem's, F-MTL's flat methods') is saved in every checkpoint
+  (``mtl_state.pt``) and restored on resume;
+- one optimizer step is one engine window: ``get_batch_samples`` opens it with the step's micro-batches;
 - ``loss/<task>`` and ``weight/<task>`` join the training logs; ``evaluate()`` reports
   ``eval_<task>_<metric>``, ``eval_<task>_loss`` and ``eval_loss`` (the mean of the task losses).
 """
@@ -127,15 +128,31 @@ class MultiTaskTrainer(Trainer):
         self.task_metric_modules = self._build_metrics(task_metrics or {})
         self.method = get_method(args.mtl_method, num_tasks=len(self.tasks), **args.mtl_method_kwargs)
         self.sharpness = (
-            get_sharpness(args.sam, rho=args.sam_rho, adaptive=args.sam_adaptive, eta=args.sam_eta)
+            get_sharpness(
+                args.sam, rho=args.sam_rho, adaptive=args.sam_adaptive, eta=args.sam_eta, scope=args.sam_scope
+            )
             if args.sam
             else None
         )
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        self._refuse_unsupported_distribution()
         device = next(model.parameters()).device
         self.method.to(device)
-        self.engine = MultiTaskEngine(model, self.method, list(self.tasks), seed=args.seed, sharpness=self.sharpness)
-        self._micro_index = 0
+        self.engine = MultiTaskEngine(
+            model,
+            self.method,
+            list(self.tasks),
+            seed=args.seed,
+            sharpness=self.sharpness,
+            global_problem=args.mtl_blocks == "global",
+            surgery_parameters=args.mtl_surgery_parameters,
+            rows_dtype=torch.bfloat16 if args.mtl_rows_dtype == "bfloat16" else torch.float32,
+            jacobian_mode=args.mtl_jacobian_mode,
+            skip_non_finite=args.mtl_skip_non_finite_steps,
+        )
+        if self.engine.mode == "gramian" and self.train_groups is not None:
+            self.engine._gramian.check_groups(self.train_groups)
+        logger.info(f"hf_mtl: {self.engine.describe()}")
         self.add_callback(_MultiTaskCallback(self))
 
     # ------------------------------------------------------------------ set-up
@@ -221,36 +238,65 @@ class MultiTaskTrainer(Trainer):
         )
 
     # ------------------------------------------------------------------ the step
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list[dict[str, Any]], None]:
+        """The Trainer's prefetch of one optimizer step's micro-batches, opened as the engine's window: the batches
+        go to the device, every task's labelled items are counted over the window and the ranks (each task's loss
+        is normalised by its own count, as the Trainer's ``num_items_in_batch``), and a sharpness variant can
+        replay the same micro-batches at its perturbed weights."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        batches = [self._prepare_inputs(batch) for batch in batches]
+        if batches:
+            scaler = getattr(self.accelerator, "scaler", None)
+            # `scaler.scale` (not `get_scale`) creates the scaler's state on the first step, as a backward of
+            # `scaler.scale(loss)` would; the engine multiplies every loss by this factor itself
+            grad_scale = (
+                float(scaler.scale(torch.ones((), device=self.args.device)))
+                if scaler is not None and scaler.is_enabled()
+                else 1.0
+            )
+            self.engine.begin_window(self.model, batches, step=self.state.global_step, grad_scale=grad_scale)
+        return batches, None
+
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """One micro-step through the engine; at the sync step the engine also reduces, combines and writes ``.grad``."""
+        """One micro-step through the engine; at the sync step the engine also reduces, combines and writes ``.grad``.
+
+        Returns this micro-step's share of the logged loss (the mean over tasks of their mean losses over the
+        step): the Trainer sums the shares of the micro-steps."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        scaler = getattr(self.accelerator, "scaler", None)
-        # `scaler.scale` (not `get_scale`) creates the scaler's state on the first step, as a backward of
-        # `scaler.scale(loss)` would; the engine multiplies every loss by this factor itself
-        grad_scale = (
-            float(scaler.scale(torch.ones((), device=self.args.device)))
-            if scaler is not None and scaler.is_enabled()
-            else 1.0
-        )
         # every backward runs without DDP's reducer: the engine reduces the flat buffer itself
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
-            loss = self.engine.micro_step(
-                model,
-                inputs,
-                scale=scale,
-                step=self.state.global_step,
-                micro_index=self._micro_index,
-                grad_scale=grad_scale,
-            )
-        self._micro_index += 1
+            loss = self.engine.micro_step(model, inputs, step=self.state.global_step)
         if self.accelerator.sync_gradients:
-            self.engine.finalize(self.state.global_step)
-            self._micro_index = 0
-        return loss * scale
+            self.engine.finalize()
+        return loss
+
+    def _refuse_unsupported_distribution(self) -> None:
+        """DeepSpeed shards and reduces gradients inside its own engine, where no per-task row can be formed:
+        refused at start, with what to use instead."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "hf_mtl does not run under DeepSpeed: its engine reduces and shards gradients itself, so the per-task "
+                "gradients that a multi-task method combines never exist. Use DDP (`torchrun` / `accelerate launch` "
+                "without a DeepSpeed config), or FSDP with a Gramian method (`mtl_jacobian_mode`='rows')"
+            )
+        if kind == DistributedType.FSDP:
+            raise ValueError(
+                "hf_mtl does not run under FSDP yet: FSDP reduce-scatters each backward's gradients, so per-task rows "
+                "are never formed. Use DDP (`torchrun` / `accelerate launch` without an FSDP config)"
+            )
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -386,20 +432,11 @@ class MultiTaskTrainer(Trainer):
             logger.warning(f"{resume_from_checkpoint} has no {MTL_STATE_NAME}: the method's state starts afresh")
 
     def mtl_state_dict(self) -> dict[str, Any]:
-        """The method's state (and F-MTL's flat-gradient method's), for checkpoints."""
-        state = {"method_name": self.args.mtl_method, "method": self.engine.method.state_dict()}
-        if self.engine.flat_method is not None and self.engine.flat_method is not self.engine.method:
-            state["flat_method"] = self.engine.flat_method.state_dict()
-        return state
+        """The engine's state (each method problem's, the sharpness variant's), for checkpoints."""
+        return self.engine.state_dict()
 
     def load_mtl_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("method_name") != self.args.mtl_method:
-            raise ValueError(
-                f"the checkpoint was trained with `mtl_method`={state.get('method_name')!r}, not {self.args.mtl_method!r}"
-            )
-        self.engine.method.load_state_dict(state["method"])
-        if "flat_method" in state and self.engine.flat_method is not None:
-            self.engine.flat_method.load_state_dict(state["flat_method"])
+        self.engine.load_state_dict(state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -13,6 +13,11 @@ from .data.sampling import list_samplers
 from .methods import list_methods
 from .sharpness import list_sharpness
 
+#: Values of `mtl_blocks`.
+MTL_BLOCKS = ("per_block", "global")
+#: Values of `mtl_jacobian_mode` (the engine's `JACOBIAN_MODES`).
+JACOBIAN_MODES = ("rows", "features", "gramian")
+
 #: Values of `sam` that turn sharpness-aware training off.
 _SAM_OFF = (None, "", "none")
 
@@ -44,6 +49,30 @@ class MultiTaskTrainingArguments(TrainingArguments):
             weights), which the trainer adds to the optimizer as their own parameter group without weight decay.
             Defaults to `learning_rate`.
 
+        mtl_blocks (`str`, *optional*, defaults to `"per_block"`):
+            `per_block`: the shared parameters are grouped by the set of tasks that reach them (one encoder and its
+            modality's tasks, a trunk and every task), and the method solves one problem per block on that block's
+            rows, so an unrelated encoder never changes another's step. `global`: one problem over every shared
+            parameter and every task (the Jacobian of all shared parameters at once). The run logs which at start.
+        mtl_jacobian_mode (`str`, *optional*, defaults to `"rows"`):
+            `rows`: each task's exact gradient of the shared parameters (one row per task and block; on per-task
+            batches the K backwards cost one). `features`: for methods that weight tasks from their Gramian, the
+            Gramian of the per-task gradients with respect to the shared features, then one backward of
+            Σ_i w_i L_i (MGDA-UB's trick for every Gramian method: about one plain step). `gramian`: each block's
+            exact K x K Gramian on shared-input sub-batches without ever holding the K x P rows (module hooks, as
+            TorchJD's autogram engine), then one weighted backward.
+        mtl_surgery_parameters (`list[str]`, *optional*):
+            Regular expressions (searched in the parameter name): surgery acts only on the shared parameters that
+            match one (e.g. `["lora_"]`, `["encoder\\.layer\\.(10|11)\\."]`); the other shared parameters get the
+            plain gradient of the summed objective Σ_i L_i. Each must match a shared parameter.
+        mtl_rows_dtype (`str`, *optional*, defaults to `"float32"`):
+            Storage of the Jacobian rows: `float32` or `bfloat16` (half the memory; Gramians and updates are formed
+            in float32 from column chunks).
+        mtl_skip_non_finite_steps (`bool`, *optional*, defaults to `True`):
+            Without a GradScaler (fp32, bf16), a step whose loss or gradient is not finite is skipped (no parameter
+            moves), logged and counted (`mtl/skipped_steps`), instead of writing NaN into the weights. Under fp16 the
+            GradScaler decides, as for a plain Trainer.
+
         > Task sampling (which tasks appear in each step; DESIGN.md step 1)
 
         task_sampling (`str`, *optional*, defaults to `"all"`):
@@ -68,6 +97,11 @@ class MultiTaskTrainingArguments(TrainingArguments):
             the perturbation of F-MTL's released code.
         sam_eta (`float`, *optional*, defaults to `0.01`):
             η of ASAM's T_w = |w| + η.
+        sam_scope (`str`, *optional*, defaults to `"step"`):
+            `step`: the perturbation follows the gradient of the whole step (every micro-batch, every rank; the
+            micro-batches are replayed at the perturbed weights), so gradient accumulation equals the large batch and
+            two processes equal one ("exact SAM"). `micro_batch`: each micro-batch is perturbed along its own
+            gradient on its own rank ("m-sharpness").
     """
 
     overwrite_output_dir: bool = field(
@@ -85,6 +119,29 @@ class MultiTaskTrainingArguments(TrainingArguments):
     mtl_method_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the method's own parameters (defaults to `learning_rate`)."},
+    )
+    mtl_blocks: str = field(
+        default="per_block",
+        metadata={"help": "One method problem per shared block, or one global problem.", "choices": list(MTL_BLOCKS)},
+    )
+    mtl_jacobian_mode: str = field(
+        default="rows",
+        metadata={
+            "help": "Per-task gradients as exact rows, feature-level Gramians, or exact Gramians without rows.",
+            "choices": list(JACOBIAN_MODES),
+        },
+    )
+    mtl_surgery_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Regular expressions: surgery only on the shared parameters whose name matches one."},
+    )
+    mtl_rows_dtype: str = field(
+        default="float32",
+        metadata={"help": "Storage of the Jacobian rows.", "choices": ["float32", "bfloat16"]},
+    )
+    mtl_skip_non_finite_steps: bool = field(
+        default=True,
+        metadata={"help": "Skip (and count) a step whose gradients are not finite, without a GradScaler."},
     )
     task_sampling: str = field(
         default="all",
@@ -110,6 +167,13 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Scale the perturbation by |w| + eta (ASAM); implied by sam=asam."}
     )
     sam_eta: float = field(default=0.01, metadata={"help": "eta of ASAM's T_w = |w| + eta."})
+    sam_scope: str = field(
+        default="step",
+        metadata={
+            "help": "Perturb along the whole step's gradient (exact), or each micro-batch's own (m-sharpness).",
+            "choices": ["step", "micro_batch"],
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.use_cpu and not _has_accelerator():
@@ -126,6 +190,26 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError("`mtl_method_kwargs` must not set `num_tasks`: the trainer fills it in from the tasks")
         if self.mtl_method_learning_rate is not None and not self.mtl_method_learning_rate >= 0:
             raise ValueError(f"`mtl_method_learning_rate` must be >= 0, got {self.mtl_method_learning_rate}")
+        for name, valid in (
+            ("mtl_blocks", MTL_BLOCKS),
+            ("mtl_jacobian_mode", JACOBIAN_MODES),
+            ("mtl_rows_dtype", ("float32", "bfloat16")),
+            ("sam_scope", ("step", "micro_batch")),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"`{name}` must be one of {', '.join(valid)}; got {getattr(self, name)!r}")
+        if isinstance(self.mtl_surgery_parameters, str):
+            self.mtl_surgery_parameters = [self.mtl_surgery_parameters]
+        if self.mtl_surgery_parameters is not None:
+            import re
+
+            for pattern in self.mtl_surgery_parameters:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as error:
+                    raise ValueError(
+                        f"`mtl_surgery_parameters` must be regular expressions; {pattern!r} is not: {error}"
+                    ) from error
         samplers = list_samplers()
         if self.task_sampling not in samplers:
             raise ValueError(f"`task_sampling` must be one of {', '.join(samplers)}; got {self.task_sampling!r}")

@@ -75,7 +75,8 @@ def _engine(model, name, **kwargs):
 def test_parameter_partition(setup):
     model, _ = setup
     engine = _engine(model, "pcgrad")
-    shared = {name for name, _ in engine.partition.shared}
+    (block,) = engine.partition.blocks
+    shared = {name for name, _ in block.params}
     assert shared and all(name.startswith("encoders.text.") for name in shared)
     assert all(
         name.startswith(("encoders.vision.", "heads.handwritten."))
@@ -83,17 +84,17 @@ def test_parameter_partition(setup):
     )
     assert all(name.startswith("heads.coarse.") for name, _ in engine.partition.private["coarse"])
     # only the tasks that reach a shared parameter have a Jacobian row
-    assert engine.row_tasks == ["coarse", "fine"]
-    assert engine.buffer.rows.shape == (2, sum(p.numel() for _, p in engine.partition.shared))
+    assert [p.tasks for p in engine.problems] == [("coarse", "fine")]
+    assert engine.block_rows(engine.problems[0]).shape == (2, block.size)
 
 
 def test_jacobian_rows_update_and_private_gradients(setup):
     model, make_batch = setup
     batch = make_batch()
     engine = _engine(model, "pcgrad")
-    engine.micro_step(model, batch, scale=1.0, step=3, micro_index=0)
-    rows = engine.buffer.rows.clone()
-    engine.finalize(step=3)
+    engine.micro_step(model, batch, step=3)
+    rows = engine.block_rows(engine.problems[0]).clone()
+    engine.finalize()
     shared = engine.row_params
     private = {t: [p for _, p in engine.partition.private[t]] for t in TASKS}
     grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
@@ -102,7 +103,7 @@ def test_jacobian_rows_update_and_private_gradients(setup):
     jacobian = torch.stack([_flat(direct[t]) for t in TASKS[:2]])
     torch.testing.assert_close(rows, jacobian, rtol=1e-5, atol=1e-7)
     expected = get_method("pcgrad").aggregate(jacobian, generator=step_generator(7, _METHOD_SALT, 3, -1))
-    got = torch.cat([grads[n].reshape(-1) for n, _ in engine.partition.shared])
+    got = torch.cat([grads[n].reshape(-1) for n, _ in engine.partition.blocks[0].params])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     for task in TASKS:  # each private parameter gets its own task's plain gradient
         names = [n for n, _ in engine.partition.private[task]]
@@ -115,9 +116,9 @@ def test_loss_weighting_is_one_backward_of_the_mean(setup):
     model, make_batch = setup
     batch = make_batch()
     engine = _engine(model, "ew")
-    assert engine.buffer.rows.numel() == 0  # no Jacobian
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    engine.finalize(step=0)
+    assert engine.mode == "combined" and not engine.problems and not engine.row_params  # no Jacobian
+    engine.micro_step(model, batch, step=0)
+    engine.finalize()
     params = [p for p in model.parameters() if p.requires_grad]
     got = [p.grad.clone() for p in params]
     losses = model(batch).losses
@@ -133,9 +134,10 @@ def test_accumulation_combines_the_summed_rows_once(setup):
     calls = []
     original = engine.method.aggregate
     engine.method.aggregate = lambda J, **kw: calls.append(J.clone()) or original(J, **kw)
-    engine.micro_step(model, first, scale=0.5, step=0, micro_index=0)
-    engine.micro_step(model, second, scale=0.5, step=0, micro_index=1)
-    engine.finalize(step=0)
+    engine.begin_window(model, [first, second], step=0)
+    engine.micro_step(model, first, step=0)
+    engine.micro_step(model, second, step=0)
+    engine.finalize()
     got = torch.cat([p.grad.reshape(-1) for p in engine.row_params])
 
     shared = engine.row_params
@@ -156,8 +158,8 @@ def test_a_task_that_shares_nothing_stays_out_of_the_method(setup):
     model, make_batch = setup
     batch = make_batch()
     engine = _engine(model, "mgda")
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    engine.finalize(step=0)
+    engine.micro_step(model, batch, step=0)
+    engine.finalize()
     update = torch.cat([p.grad.reshape(-1) for p in engine.row_params])
     _, direct = _direct(model, batch, engine.row_params)
     jacobian = torch.stack([_flat(direct[t]) for t in TASKS[:2]])
@@ -172,8 +174,8 @@ def test_a_window_without_some_tasks_combines_the_present_ones(setup):
     seen = {}
     original = engine.method.aggregate
     engine.method.aggregate = lambda J, **kw: seen.update(kw, rows=J.shape[0]) or original(J, **kw)
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    engine.finalize(step=0)
+    engine.micro_step(model, batch, step=0)
+    engine.finalize()
     assert seen["rows"] == 2 and seen["task_ids"].tolist() == [0, 1]
     assert all(p.grad is None for p in model.heads["handwritten"].parameters())
     assert all(p.grad is None for p in model.encoders["vision"].parameters())
@@ -183,19 +185,19 @@ def test_loss_scale_is_removed_before_the_method_and_restored_after(setup):
     model, make_batch = setup
     batch = make_batch()
     reference = _engine(model, "nash_mtl")  # scale invariant: a forgotten unscale would change nothing
-    reference.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    reference.finalize(step=0)
+    reference.micro_step(model, batch, step=0)
+    reference.finalize()
     expected = torch.cat([p.grad.reshape(-1) for p in reference.row_params]).clone()
     model.zero_grad()
     scaled = _engine(model, "nash_mtl")
-    scaled.micro_step(model, batch, scale=1.0, step=0, micro_index=0, grad_scale=1024.0)
-    scaled.finalize(step=0)
+    scaled.micro_step(model, batch, step=0, grad_scale=1024.0)
+    scaled.finalize()
     got = torch.cat([p.grad.reshape(-1) for p in scaled.row_params])
     torch.testing.assert_close(got, 1024.0 * expected, rtol=1e-4, atol=1e-6)
 
     model.zero_grad()
-    scaled.micro_step(model, batch, scale=1.0, step=1, micro_index=0, grad_scale=float("inf"))
-    scaled.finalize(step=1)
+    scaled.micro_step(model, batch, step=1, grad_scale=float("inf"))
+    scaled.finalize()
     assert torch.isnan(torch.cat([p.grad.reshape(-1) for p in scaled.row_params])).all()  # the scaler skips
 
 
@@ -203,8 +205,8 @@ def test_method_parameters_receive_their_gradient(setup):
     model, make_batch = setup
     batch = make_batch()
     engine = _engine(model, "uw")
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    engine.finalize(step=0)
+    engine.micro_step(model, batch, step=0)
+    engine.finalize()
     s = engine.method.log_variance
     losses = torch.tensor([float(v.detach()) for v in model(batch).losses.values()])
     expected = 0.5 - losses / (2 * torch.exp(s.detach()))  # ∂/∂s of L/(2e^s) + s/2
@@ -215,8 +217,8 @@ def test_representation_method_backpropagates_the_combined_feature_gradient(setu
     model, make_batch = setup
     batch = make_batch(keys=("coarse+fine",))
     engine = _engine(model, "mgda_ub")
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    engine.finalize(step=0)
+    engine.micro_step(model, batch, step=0)
+    engine.finalize()
     weights = engine.method.last_weights
     params = list(model.encoders["text"].parameters())
     got = [p.grad.clone() for p in params]
@@ -234,8 +236,8 @@ def test_famo_learns_from_the_losses_after_the_step(setup):
     model, make_batch = setup
     batch = make_batch()
     engine = _engine(model, "famo")
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
-    engine.finalize(step=0)
+    engine.micro_step(model, batch, step=0)
+    engine.finalize()
     before = torch.tensor([float(v.detach()) for v in model(batch).losses.values()])
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
     after = torch.tensor([float(v.detach()) for v in model(batch).losses.values()])
@@ -253,8 +255,8 @@ def test_logs_average_losses_and_weights(setup):
     for step in range(2):
         batch = make_batch(8 * step)
         losses.append({t: float(v) for t, v in model(batch).losses.items()})
-        engine.micro_step(model, batch, scale=1.0, step=step, micro_index=0)
-        engine.finalize(step)
+        engine.micro_step(model, batch, step=step)
+        engine.finalize()
         model.zero_grad()
     logs = engine.pop_logs()
     for task in TASKS:

@@ -185,9 +185,10 @@ def _engine(model, tasks, method, variant=None, *, method_kwargs=None, **sharpne
 def _run(engine, model, batches, grad_scale=1.0, step=0):
     """Micro-steps over ``batches`` (each with scale 1/N), finalize; returns name -> ``.grad`` (a copy)."""
     model.zero_grad(set_to_none=True)
-    for index, batch in enumerate(batches):
-        engine.micro_step(model, batch, scale=1.0 / len(batches), step=step, micro_index=index, grad_scale=grad_scale)
-    engine.finalize(step)
+    engine.begin_window(model, batches, step=step, grad_scale=grad_scale)
+    for batch in batches:
+        engine.micro_step(model, batch)
+    engine.finalize()
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -382,7 +383,9 @@ def test_fmtl_equals_algorithm_1(text, method, method_kwargs):
     model, make_batch = text
     batch = make_batch()
     engine = _engine(model, TASKS, method, "fmtl", method_kwargs=method_kwargs, rho=0.5)
-    assert engine.buffer.rows.shape[0] == 2 * len(TASKS) and engine.flat_method is not engine.method
+    (problem,) = engine.problems
+    assert engine.block_rows(problem, "rows/flat").shape == engine.block_rows(problem).shape == (2, problem.size)
+    assert engine.sharpness.flat_methods[0] is not engine.method  # F-MTL's own copy, with its own state
     got = _run(engine, model, [batch])
     expected = expected_fmtl(model, [batch], TASKS, method, 0.5, method_kwargs=method_kwargs)
     _assert_grads(got, expected)
@@ -451,7 +454,7 @@ def test_weights_are_restored_bit_for_bit(text, method, variant, options):
     batch = make_batch()
     before = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
     engine = _engine(model, TASKS, method, variant, **options)
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0, grad_scale=2.0**10)
+    engine.micro_step(model, batch, step=0, grad_scale=2.0**10)
     engine.finalize(0)
     for name, tensor in model.state_dict(keep_vars=True).items():
         assert torch.equal(tensor.detach(), before[name]), name
@@ -501,7 +504,7 @@ def test_batch_norm_statistics_update_once_per_step(vision_bn, variant, method):
             plain(batch)  # one ordinary forward in train mode
         expected = _bn_state(plain)
         engine = _engine(model, VISION_TASKS, method, variant, rho=0.5)
-        engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0)
+        engine.micro_step(model, batch, step=0)
         engine.finalize(0)
         got = _bn_state(model)
         for name, value in expected.items():
@@ -611,7 +614,7 @@ def test_a_non_finite_loss_makes_the_shared_update_nan(vision_bn, variant, metho
     engine = _engine(model, VISION_TASKS, method, variant, rho=0.5)
     got = _run(engine, model, [_nan_batch(vision_bn[1])], grad_scale=2.0**10)
     shared = [n for n, _ in _shared(model)]
-    if engine.uses_jacobian:
+    if engine.mode == "rows":
         assert all(torch.isnan(got[n]).all() for n in shared)
     else:  # loss weighting writes the one backward as it is: non-finite, which the scaler sees
         assert not all(torch.isfinite(got[n]).all() for n in shared)
@@ -636,7 +639,7 @@ def test_grad_scaler_unscales_once_and_skips_a_non_finite_step(vision_bn, varian
     weights = {n: p.detach().clone() for n, p in _trainable(model)}
 
     optimizer.zero_grad(set_to_none=True)
-    engine.micro_step(model, batch, scale=1.0, step=0, micro_index=0, grad_scale=grad_scale)
+    engine.micro_step(model, batch, step=0, grad_scale=grad_scale)
     engine.finalize(0)
     scaler.unscale_(optimizer)
     with pytest.raises(RuntimeError, match="unscale_"):
@@ -653,7 +656,7 @@ def test_grad_scaler_unscales_once_and_skips_a_non_finite_step(vision_bn, varian
     stepped = {n: p.detach().clone() for n, p in _trainable(model)}
     optimizer.zero_grad(set_to_none=True)
     grad_scale = float(scaler.scale(torch.ones(())))
-    engine.micro_step(model, _nan_batch(make_batch), scale=1.0, step=1, micro_index=0, grad_scale=grad_scale)
+    engine.micro_step(model, _nan_batch(make_batch), step=1, grad_scale=grad_scale)
     engine.finalize(1)
     scaler.step(optimizer)
     scaler.update()
@@ -713,11 +716,25 @@ def test_trainer_fp16_grad_scaler_path_matches_the_unscaled_run(tmp_path, trec_s
 
 
 # ------------------------------------------------------------------------------- 7. gradient accumulation
-@pytest.mark.parametrize(("variant", "method"), [("sam", "ew"), ("sam", "upgrad"), ("fmtl", "mgda")])
-def test_accumulation_perturbs_each_micro_batch_along_its_own_gradient(text, variant, method):
+@pytest.mark.parametrize(("variant", "method"), [("sam", "ew"), ("sam", "upgrad"), ("fmtl", "mgda"), ("fmtl", "ew")])
+def test_accumulation_equals_the_large_batch(text, variant, method):
+    """Exact SAM (the default ``sam_scope="step"``): two micro-batches of 8 give the step of one batch of 16,
+    the perturbation following the whole step's gradient and both micro-batches replayed at it."""
     model, make_batch = text
     first, second = make_batch(0), make_batch(8)
-    got = _run(_engine(model, TASKS, method, variant, rho=0.5), model, [first, second])  # scale 0.5 each
+    got = _run(_engine(model, TASKS, method, variant, rho=0.5), model, [first, second])
+    reference = expected_fmtl if variant == "fmtl" else expected_sam
+    _assert_grads(got, reference(model, [make_batch(0, 16)], TASKS, method, 0.5))
+    # not per-micro-batch perturbation (m-sharpness), which gives another step
+    separate = reference(model, [first, second], TASKS, method, 0.5)
+    assert _distance(got, separate) > 100 * ATOL
+
+
+@pytest.mark.parametrize(("variant", "method"), [("sam", "ew"), ("sam", "upgrad"), ("fmtl", "mgda")])
+def test_micro_batch_scope_perturbs_each_micro_batch_along_its_own_gradient(text, variant, method):
+    model, make_batch = text
+    first, second = make_batch(0), make_batch(8)
+    got = _run(_engine(model, TASKS, method, variant, rho=0.5, scope="micro_batch"), model, [first, second])
     reference = expected_fmtl if variant == "fmtl" else expected_sam
     _assert_grads(got, reference(model, [first, second], TASKS, method, 0.5))
     # m-sharpness, not SAM on the full batch of 16
@@ -738,7 +755,7 @@ def test_every_jacobian_method_runs_with_every_variant(text, method, variant):
     for name, _ in _trainable(model):
         assert got[name] is not None, f"{name} got no gradient"
         assert torch.isfinite(got[name]).all(), name
-    for _, p in engine.partition.method:
+    for p in engine.method_params:
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 

@@ -11,9 +11,11 @@ Hooks, all optional except the one that defines the method:
   ``get_method(name).aggregate(J)`` works on a plain matrix (DESIGN.md, "Contracts").
 - ``combine_losses(losses, ...) -> scalar`` for loss-weighting methods (``requires_jacobian=False``):
   the engine backpropagates it once instead of building the Jacobian.
-- ``transform_losses(losses, ...) -> (K,)``: applied to the per-task losses before anything else
-  (IMTL-L's ``e^s L - s``, DB-MTL's ``log L``). Learnable parameters of the method receive their
-  gradient through it.
+- ``transform_losses(losses, ...) -> (K,)``: an **elementwise** map of the per-task losses (each task's
+  loss on its own: IMTL-L's ``e^s L - s``, DB-MTL's ``log L``). The engine differentiates the raw losses
+  and applies the transform at the step's global mean losses ``L̄`` by the chain rule (row i times
+  ``T_i'(L̄_i)``), so a task's backward never touches another task's graph; learnable parameters of the
+  method receive the gradient of ``Σ_i T_i(L̄_i)`` through it.
 - ``after_optimizer_step(losses_before, losses_after, ...)``: for methods that learn from the change
   of the losses across the optimizer step (FAMO); the engine runs the extra forward only when
   ``needs_losses_after_step`` is set.
@@ -153,6 +155,10 @@ class GradientMethod(nn.Module):
         #: The task weights of the last call, shape (K,), for logging as ``weight/<task>``; ``None``
         #: when the method has no meaningful per-task weights (e.g. GradDrop's per-coordinate masks).
         self.last_weights: Tensor | None = None
+        #: A scalar set by ``aggregate`` of a method that learns its own parameters from the rows (GradNorm's
+        #: balance loss): the engine backpropagates it into the method's parameters; ``aggregate`` never
+        #: writes a ``.grad`` itself.
+        self.auxiliary_loss: Tensor | None = None
         #: Names of the buffers registered with `register_lazy_buffer`.
         self._lazy_buffers: set[str] = set()
 
@@ -256,12 +262,19 @@ class GradientMethod(nn.Module):
 class LossWeightingMethod(GradientMethod):
     """A method that only reweights losses: the update is ``∇ combine_losses(L)``, one backward.
 
+    Class attributes:
+        weights_depend_on_losses (`bool`): whether the weights ``∂C/∂L`` change with the losses (FAMO, GLS,
+            SI, STCH). The engine then computes them from the step's global mean losses before the first
+            backward (a forward without gradient of the other micro-batches, and one collective of K numbers);
+            otherwise from the method's state alone.
+
     ``aggregate(J, losses=...)`` gives the same update on a plain matrix: by the chain rule the
     gradient of the combined loss with respect to θ_sh is ``Σ_i (∂C/∂L_i) g_i``, so the weights
     are the derivative of ``combine_losses`` at ``losses`` (ones when no losses are given).
     """
 
     requires_jacobian = False
+    weights_depend_on_losses: ClassVar[bool] = False
 
     def loss_weights(
         self, losses: Tensor, *, task_ids: Tensor | None = None, generator: torch.Generator | None = None

@@ -60,6 +60,8 @@ class FAMO(LossWeightingMethod):
             Adam's denominator term (torch's default, as in the reference).
     """
 
+    weights_depend_on_losses = True
+
     needs_losses_after_step = True
 
     def __init__(

@@ -10,16 +10,16 @@ rate::
     r_i   = (L_i / L_i(0)) / mean_j (L_j / L_j(0))
     L_grad = Σ_i | G_i - sg(Ḡ · r_i^α) |                     α = 1.5
     model update:   d = Σ_i λ_i g_i                          (λ detached)
-    s.grad += ∂L_grad / ∂s                                   (the Trainer's optimizer steps s)
+    auxiliary_loss = L_grad                                  (the engine backpropagates it into s)
 
 This is LibMTL's ``GradNorm`` (softmax-parametrised weights, norms over the whole shared gradient);
 the paper instead learns the weights directly, renormalises them to sum K after each step and takes
 the norms on the last shared layer only.
 
-``aggregate(J, losses=...)`` computes ``L_grad`` and puts its gradient with respect to ``s`` into
-``s.grad`` (added to what is already there), so the Trainer's optimizer, which owns ``s``, steps it
-together with the model. Everything but ``s`` is detached: the model never receives ``L_grad``'s
-gradient.
+``aggregate(J, losses=...)`` returns the update and leaves ``L_grad`` in ``auxiliary_loss``; the engine
+backpropagates it into ``s`` (``method.auxiliary_loss.backward()`` outside the engine), so the Trainer's
+optimizer, which owns ``s``, steps it together with the model. Everything but ``s`` is detached: the model
+never receives ``L_grad``'s gradient. ``aggregate`` never writes a ``.grad``.
 
 The loss baseline ``L(0)`` (``initial_loss``):
 
@@ -114,12 +114,7 @@ class GradNorm(GradientMethod):
                 norms = (matrix * matrix).sum(dim=1).sqrt().to(weights.device)
                 weighted_norms = weights * norms
                 targets = (weighted_norms.mean() * self._relative_rates(observed, index) ** self.alpha).detach()
-                balance_loss = (weighted_norms - targets).abs().sum()
-                (grad,) = torch.autograd.grad(balance_loss, self.logits)
-                if self.logits.grad is None:
-                    self.logits.grad = grad
-                else:
-                    self.logits.grad += grad
+                self.auxiliary_loss = (weighted_norms - targets).abs().sum()
         weights = weights.detach()
         self.last_weights = weights
         return (weights.to(device=matrix.device, dtype=matrix.dtype) @ matrix).to(jacobian.dtype)

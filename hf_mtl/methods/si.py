@@ -33,6 +33,8 @@ class ScaleInvariant(LossWeightingMethod):
             Losses are clamped to at least ``eps`` before the logarithm.
     """
 
+    weights_depend_on_losses = True
+
     def __init__(self, num_tasks: int | None = None, eps: float = 1e-8) -> None:
         super().__init__(num_tasks)
         if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):

@@ -64,6 +64,8 @@ class SmoothTchebycheff(LossWeightingMethod):
             Offset inside the logarithms (the reference's 1e-20).
     """
 
+    weights_depend_on_losses = True
+
     def __init__(
         self,
         num_tasks: int | None = None,

@@ -89,6 +89,12 @@ class TaskHead(nn.Module):
         """Returns a description of the first out-of-range label, or ``None`` when all are valid."""
         return None
 
+    def count_items(self, labels: Tensor) -> Tensor:
+        """The number of labelled items in a label tensor, the denominator of the loss's mean: the engine
+        normalises every task's loss by its count over the whole step (all micro-batches, all ranks), as
+        the Trainer's ``num_items_in_batch`` does. One per row by default."""
+        return torch.tensor(labels.shape[0], device=labels.device)
+
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value == IGNORE_INDEX
@@ -119,6 +125,10 @@ class ClassificationHead(TaskHead):
 
     def predictions(self, logits: Tensor) -> Tensor:
         return logits.argmax(dim=-1)
+
+    def count_items(self, labels: Tensor) -> Tensor:
+        """Labels that are not missing (``-100`` / ``-1``); per token for token classification."""
+        return ((labels != IGNORE_INDEX) & (labels != -1)).sum()
 
     def check_labels(self, values: Sequence[Any]) -> str | None:
         for value in values:
@@ -186,6 +196,10 @@ class MultiLabelHead(TaskHead):
     def predictions(self, logits: Tensor) -> Tensor:
         return (logits > 0).long()
 
+    def count_items(self, labels: Tensor) -> Tensor:
+        """Present label entries (the loss is their mean)."""
+        return ((labels != IGNORE_INDEX) & ~torch.isnan(labels)).sum()
+
     def check_labels(self, values: Sequence[Any]) -> str | None:
         for row in values:
             if row is None:
@@ -218,6 +232,10 @@ class RegressionHead(TaskHead):
 
     def predictions(self, logits: Tensor) -> Tensor:
         return logits
+
+    def count_items(self, labels: Tensor) -> Tensor:
+        """Present (non-NaN) targets (the loss is their mean)."""
+        return (~torch.isnan(labels)).sum()
 
     def _entries(self, value: Any) -> list[Any]:
         """The targets of one row: a list, or a scalar (one target); ``None`` masks the whole row."""
