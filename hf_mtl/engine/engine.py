@@ -607,7 +607,10 @@ class MultiTaskEngine:
             self.record_losses(losses, perturbed=perturbed)
             self._backward_representation(model, batch, outputs)
             return {t: v.detach() for t, v in losses.items()}
-        outputs = self.forward_losses(model, batch, micro_index)
+        if self.mode == "gramian":
+            outputs = self._gramian.forward(self, model, batch, micro_index)
+        else:
+            outputs = self.forward_losses(model, batch, micro_index)
         losses = outputs.losses
         self.record_losses(losses, perturbed=perturbed)
         if self.mode == "rows":
