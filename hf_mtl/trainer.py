@@ -273,9 +273,11 @@ class MultiTaskTrainer(Trainer):
         step): the Trainer sums the shares of the micro-steps."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        # every backward runs without DDP's reducer: the engine reduces the flat buffer itself
+        # every backward runs without DDP's reducer: the engine reduces the flat buffer itself, and calls the model
+        # itself (DDP's forward would pass the outputs through its unused-parameter sink, which cuts the shared
+        # features that representation methods differentiate off the losses)
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
-            loss = self.engine.micro_step(model, inputs, step=self.state.global_step)
+            loss = self.engine.micro_step(self.accelerator.unwrap_model(model), inputs, step=self.state.global_step)
         if self.accelerator.sync_gradients:
             self.engine.finalize()
         return loss

@@ -36,7 +36,6 @@ so the scaler's single ``unscale_`` and its inf/NaN check work as for a plain Tr
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -140,6 +139,9 @@ class MultiTaskEngine:
         self.mode = self._mode(method, sharpness, jacobian_mode, surgery_parameters, rows_dtype)
         self.rows_dtype = rows_dtype if self.mode == "rows" else torch.float32
         self.heads = getattr(model, "heads", None)
+        model_tasks = getattr(model, "tasks", {})
+        #: task -> the encoder it reads (representation methods group the features by encoder)
+        self.task_encoders = {t: model_tasks[t].encoder for t in self.task_names if t in model_tasks}
         device = next(model.parameters()).device
         self.device = device
         uses_blocks = self.mode in ("rows", "gramian")
@@ -412,6 +414,13 @@ class MultiTaskEngine:
             len(problem.tasks), problem.size
         )
 
+    def _group_encoder(self, group_key: str) -> str:
+        """The encoder a sub-batch's tasks read (its key is its tasks joined by ``+``)."""
+        for name in group_key.split("+"):
+            if name in self.task_encoders:
+                return self.task_encoders[name]
+        raise ValueError(f"sub-batch {group_key!r} names no task of the engine: {', '.join(self.task_names)}")
+
     def named(self, params: Sequence[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs for ``params`` (names as in ``model.named_parameters()``)."""
         return [(self._names[id(p)], p) for p in params]
@@ -663,7 +672,7 @@ class MultiTaskEngine:
         losses = outputs.losses
         features = outputs.representations
         group_of = {task: key for key, sub in batch.items() for task in (sub.get("labels") or {}) if task in losses}
-        encoder_of_group = {key: model_encoder(model, key) for key in features}
+        encoder_of_group = {key: self._group_encoder(key) for key in features}
         grad_features: dict[str, Tensor] = {}
         handled: set[str] = set()
         for index, problem in enumerate(self.problems):
@@ -1049,14 +1058,3 @@ class MultiTaskEngine:
         return logs
 
 
-def model_encoder(model: nn.Module, group_key: str) -> str:
-    """The encoder a sub-batch's tasks read (its key is its tasks joined by ``+``)."""
-    tasks = getattr(model, "tasks", {})
-    for name in group_key.split("+"):
-        if name in tasks:
-            return tasks[name].encoder
-    return group_key
-
-
-def is_finite(values: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

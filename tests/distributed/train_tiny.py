@@ -1,14 +1,20 @@
-"""Trains the tiny five-task model for a few steps and saves its parameters (run by test_ddp.py).
+"""Trains the tiny five-task model for a few steps under several configurations and saves each run's parameters
+(run by test_ddp.py).
 
-    python train_tiny.py OUT METHOD PER_DEVICE_BATCH [SAMPLING]          # one process
-    torchrun --nproc_per_node 2 train_tiny.py OUT METHOD PER_DEVICE_BATCH # two processes (gloo)
+    python train_tiny.py OUT PER_DEVICE_BATCH CONFIG [CONFIG ...]                    # one process
+    torchrun --nproc_per_node 2 train_tiny.py OUT PER_DEVICE_BATCH CONFIG [CONFIG ...] # two processes (gloo)
+    accelerate launch --config_file CFG train_tiny.py OUT PER_DEVICE_BATCH CONFIG ...
 
-Dropout is off and the optimizer is SGD so that runs with the same global batch can be compared
-parameter by parameter.
+A CONFIG is ``name=method[,key=value...]`` with keys ``sampling``, ``accumulation``, ``sam``, ``evaluate``;
+each run starts from the same weights and saves ``OUT/<name>.pt``. Dropout is off and the optimizer is SGD so
+that runs with the same global batch can be compared parameter by parameter.
 """
 
 from __future__ import annotations
 
+import collections
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,21 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.conftest import no_dropout, tiny_speech_encoder, tiny_text_encoder, tiny_vision_encoder  # noqa: E402
 
 
-def main() -> None:
-    import collections
-    import re
+def parse(config: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = config.partition("=")
+    method, *options = rest.split(",")
+    return name, {"method": method, **dict(option.split(":", 1) for option in options)}
 
+
+def main() -> None:
     from transformers import BertTokenizerFast
 
     from hf_mtl import MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, Task
     from hf_mtl.data import SpeechCollator, load_digits, load_fsdd, load_trec
 
-    out, method, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    sampling = sys.argv[4] if len(sys.argv) > 4 else "all"
+    out, batch_size = Path(sys.argv[1]), int(sys.argv[2])
     fsdd, trec, digits = load_fsdd(), load_trec(), load_digits()
     counts = collections.Counter(w for t in trec["train"]["text"] for w in re.findall(r"\w+|[^\w\s]", t.lower()))
-    vocab = Path(out) / "vocab.txt"
-    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab = out / "vocab.txt"
+    out.mkdir(parents=True, exist_ok=True)
     words = [w for w, c in counts.most_common() if c >= 2]
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
@@ -44,58 +52,64 @@ def main() -> None:
         Task("fine", encoder="text", num_labels=trec["train"].features["fine"].num_classes),
         Task("handwritten", encoder="vision", num_labels=10, label_column="label"),
     ]
-    encoders = {
-        "speech": tiny_speech_encoder(dropout=0.0),
-        "text": tiny_text_encoder(tokenizer.vocab_size, dropout=0.0),
-        "vision": tiny_vision_encoder(dropout=0.0),
-    }
-    model = no_dropout(MultiTaskModel.from_encoders(encoders, tasks, head_dropout=0.0))
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = MultiTaskTrainingArguments(
-        output_dir=str(Path(out) / "run"),
-        overwrite_output_dir=True,
-        mtl_method=method,
-        task_sampling=sampling,
-        max_steps=int(__import__("os").environ.get("TINY_STEPS", "3")),
-        per_device_train_batch_size=batch_size,
-        learning_rate=0.5,
-        optim="sgd",
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-        dataloader_pin_memory=False,
-        logging_steps=1,
-    )
-    trainer = MultiTaskTrainer(
-        model=model,
-        args=args,
-        train_dataset={
-            "digit": fsdd["train"],
-            "speaker": fsdd["train"],
-            "coarse": trec["train"],
-            "fine": trec["train"],
-            "handwritten": digits["train"],
-        },
-        eval_dataset={"digit": fsdd["test"], "coarse": trec["test"], "handwritten": digits["test"]},
-        processing_class={"text": tokenizer},
-        data_collator={"speech": SpeechCollator(max_length_seconds=0.5)},
-    )
-    trainer.train()
-    metrics = trainer.evaluate()
-    if trainer.is_world_process_zero():
-        torch.save(
-            {
-                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                "initial": initial,
-                "world_size": trainer.args.world_size,
-                "metrics": metrics,
-                "distributed_type": str(trainer.accelerator.distributed_type),
-            },
-            Path(out) / "result.pt",
+    for config in sys.argv[3:]:
+        name, options = parse(config)
+        encoders = {
+            "speech": tiny_speech_encoder(dropout=0.0),
+            "text": tiny_text_encoder(tokenizer.vocab_size, dropout=0.0),
+            "vision": tiny_vision_encoder(dropout=0.0),
+        }
+        model = no_dropout(MultiTaskModel.from_encoders(encoders, tasks, head_dropout=0.0))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = MultiTaskTrainingArguments(
+            output_dir=str(out / name),
+            overwrite_output_dir=True,
+            mtl_method=options["method"],
+            task_sampling=options.get("sampling", "all"),
+            gradient_accumulation_steps=int(options.get("accumulation", "1")),
+            sam=options.get("sam"),
+            sam_rho=0.5 if options.get("sam") else None,
+            max_steps=int(os.environ.get("TINY_STEPS", "3")),
+            per_device_train_batch_size=batch_size,
+            learning_rate=0.5,
+            optim="sgd",
+            warmup_steps=0,
+            lr_scheduler_type="constant",
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            dataloader_pin_memory=False,
+            logging_steps=1,
         )
+        trainer = MultiTaskTrainer(
+            model=model,
+            args=args,
+            train_dataset={
+                "digit": fsdd["train"],
+                "speaker": fsdd["train"],
+                "coarse": trec["train"],
+                "fine": trec["train"],
+                "handwritten": digits["train"],
+            },
+            eval_dataset={"digit": fsdd["test"], "coarse": trec["test"], "handwritten": digits["test"]},
+            processing_class={"text": tokenizer},
+            data_collator={"speech": SpeechCollator(max_length_seconds=0.5)},
+        )
+        trainer.train()
+        metrics = trainer.evaluate() if options.get("evaluate") == "yes" else {}
+        if trainer.is_world_process_zero():
+            torch.save(
+                {
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "initial": initial,
+                    "world_size": trainer.args.world_size,
+                    "metrics": metrics,
+                    "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+                    "distributed_type": str(trainer.accelerator.distributed_type),
+                },
+                out / f"{name}.pt",
+            )
 
 
 if __name__ == "__main__":
