@@ -260,6 +260,7 @@ class MultiTaskEngine:
         self._micro = 0
         self._loss_weights: Tensor | None = None
         self.skipped_steps = 0
+        self._update_sums: list[Tensor] = []
         self._skipped_since_log = 0
         self.last_step_skipped = False
         self._losses_after_step_pending = False
@@ -815,18 +816,18 @@ class MultiTaskEngine:
         self._losses_after_step_pending = self.method.needs_losses_after_step
 
     def _finite(self, mean_losses: Tensor) -> bool:
-        """Whether the losses and every gradient of the step are finite (one reduction, one synchronisation)."""
-        norm = torch.linalg.vector_norm(self.buffer.flat, float("inf"))
-        checks = [norm, mean_losses.abs().sum()]
+        """Whether the losses and every gradient of the step are finite: one sum over the buffer (an inf or NaN
+        anywhere makes it non-finite; no temporary of the buffer's size), one synchronisation."""
+        total = self.buffer.flat.sum() + mean_losses.sum()
         if self.row_buffer is not self.buffer:
-            checks.append(torch.linalg.vector_norm(self.row_buffer.flat.float(), float("inf")))
-        return bool(torch.isfinite(torch.stack(checks)).all())
+            total = total + self.row_buffer.flat.sum(dtype=torch.float32)
+        return bool(torch.isfinite(total))
 
     def _finite_update(self) -> bool:
-        grads = [p.grad for p in self.row_params if p.grad is not None]
-        if not grads:
+        """Whether every problem's update is finite (a solver may fail on finite rows)."""
+        if not self._update_sums:
             return True
-        return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g, float("inf")) for g in grads])).all())
+        return bool(torch.isfinite(torch.stack(self._update_sums)).all())
 
     def _skip_step(self) -> None:
         """A non-finite gradient without a GradScaler: no parameter gets a gradient (the optimizer leaves every
@@ -874,6 +875,7 @@ class MultiTaskEngine:
 
     def _combine_rows(self, mean_losses: Tensor) -> None:
         position = {t: i for i, t in enumerate(self.present)}
+        self._update_sums: list[Tensor] = []
         for index, problem in enumerate(self.problems):
             names = [t for t in problem.tasks if t in position]
             params = [p for _, p in problem.block.params]
@@ -894,6 +896,7 @@ class MultiTaskEngine:
                 update = self.sharpness.combine(self, problem, names, rows, losses=losses, task_ids=ids, generator=generator)
             else:
                 update = self.aggregate(problem.method, rows, losses=losses, task_ids=ids, generator=generator)
+            self._update_sums.append(update.sum())
             self._auxiliary_backward(problem.method)
             self._record_problem_weights(problem, names, problem.method.last_weights)
             target = rows_all[0] if self.rows_dtype == torch.float32 else torch.empty(problem.size, device=rows.device)
@@ -904,7 +907,7 @@ class MultiTaskEngine:
     def _finite_tensor(self, tensor: Tensor) -> bool:
         if not self.grad_scale != 1.0:
             return True  # checked once for the whole buffer (or the step is skipped)
-        return bool(torch.isfinite(torch.linalg.vector_norm(tensor.float(), float("inf"))))
+        return bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
 
     def aggregate(
         self,
