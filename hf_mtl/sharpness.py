@@ -354,7 +354,7 @@ class FMTL(Sharpness):
         perturbation = self.perturbation(engine.named(shared_params), shared_grads) + self.perturbation(
             engine.named(private_params), private_grads
         )
-        targets = engine.row_pairs(task, "rows/flat") + engine.plain_pairs(engine.task_plain_indices[task])
+        targets = engine.task_pairs(task, "rows/flat")
         with perturbed_weights(shared_params + private_params, perturbation), frozen_batch_norm(model):
             for position, replayed in enumerate(engine.window_batches):
                 if (only is not None and position != only) or task not in engine._window_counts[position]:

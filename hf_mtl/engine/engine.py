@@ -212,6 +212,7 @@ class MultiTaskEngine:
         self.perturbed_loss_sums = self.buffer["loss_sums/perturbed"] if sharpness is not None else None
         #: task -> (parameter, view) of its rows in each rows-shaped segment, built on demand
         self._row_pairs: dict[tuple[str, str], list[tuple[nn.Parameter, Tensor]]] = {}
+        self._pair_cache: dict[Any, list[tuple[nn.Parameter, Tensor]]] = {}
         #: task -> indices (into `plain_params`) of the parameters outside the rows that its loss reaches
         reached = self.partition.reached
         self.task_plain_indices: dict[str, list[int]] = {
@@ -557,9 +558,24 @@ class MultiTaskEngine:
             torch._foreach_add_([v for v, _ in present], [g.to(v.dtype) for v, g in present])
 
     def plain_pairs(self, indices: Sequence[int], area: Sequence[Tensor] | None = None) -> list[tuple[nn.Parameter, Tensor]]:
-        """``(parameter, view)`` of plain parameters by index, in the plain segment or another area of its layout."""
+        """``(parameter, view)`` of plain parameters by index, in the plain segment or another area of its layout.
+        Built once per set of indices and area (the step builds no parameter lists)."""
         area = self.plain_views if area is None else area
-        return [(self.plain_params[i], area[i]) for i in indices]
+        key = (tuple(indices), id(area))
+        pairs = self._pair_cache.get(key)
+        if pairs is None:
+            pairs = self._pair_cache[key] = [(self.plain_params[i], area[i]) for i in key[0]]
+        return pairs
+
+    def task_pairs(self, task: str, rows: str = "rows", plain_area: Sequence[Tensor] | None = None) -> list:
+        """``task``'s rows in a rows-shaped segment and its plain parameters in an area: what its backward fills."""
+        key = (task, rows, id(plain_area))
+        pairs = self._pair_cache.get(key)
+        if pairs is None:
+            pairs = self._pair_cache[key] = self.row_pairs(task, rows) + self.plain_pairs(
+                self.task_plain_indices[task], plain_area
+            )
+        return pairs
 
     def task_order(self, batch: Mapping[str, Any], losses: Mapping[str, Tensor]) -> list[tuple[str, bool]]:
         """The tasks of a micro-batch with a loss, in task order, each with whether the graph must be kept for
@@ -586,7 +602,7 @@ class MultiTaskEngine:
         """One backward per task, each through its own sub-graph: its block gradients into its rows (of the
         rows-shaped segment ``rows``), its other gradients into ``plain_area`` (default: the plain segment)."""
         for task, retain in self.task_order(batch, losses):
-            pairs = self.row_pairs(task, rows) + self.plain_pairs(self.task_plain_indices[task], plain_area)
+            pairs = self.task_pairs(task, rows, plain_area)
             self.backward_into(losses[task] * self.grad_scale, pairs, retain_graph=retain)
 
     def objective(self, losses: Mapping[str, Tensor]) -> Tensor:
