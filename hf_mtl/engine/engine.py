@@ -28,6 +28,10 @@ One optimizer step is a *window*: the micro-batches of one gradient-accumulation
    auxiliary loss (GradNorm). A non-finite gradient without a GradScaler skips the step (no ``.grad``),
    is logged and counted; under fp16 the update is NaN so that the GradScaler skips it as it decides.
 
+FSDP2 (``fully_shard``; Accelerate's FSDP plugin): when the model's trainable parameters are `DTensor`\ s the engine
+holds this rank's shard of every row, sums the per-shard Gramians, and writes each rank's shard of the update
+(`hf_mtl.engine.fsdp`, which says what runs sharded and what is refused).
+
 Mixed precision: under fp16 the losses are multiplied by the GradScaler's scale before each backward;
 the rows are divided by it (a power of two: exact) before the method and the update is multiplied back,
 so the scaler's single ``unscale_`` and its inf/NaN check work as for a plain Trainer.
@@ -46,7 +50,8 @@ from transformers.utils import logging
 
 from ..data.sampling import step_generator
 from ..methods.base import GradientMethod, GramianMethod, LossWeightingMethod
-from .buffer import GradientBuffer, all_reduce_sum, is_distributed, views
+from .buffer import GradientBuffer, all_reduce_sum, is_distributed, local_numel, views
+from .fsdp import FSDPShards, fsdp_refusal
 from .partition import ParameterBlock, ParameterPartition
 
 if TYPE_CHECKING:
@@ -129,6 +134,15 @@ class MultiTaskEngine:
         jacobian_mode: str = "rows",
         skip_non_finite: bool = True,
     ) -> None:
+        #: the constructor's options, to build the same engine over a model's new (sharded) parameters (`rebuilt`)
+        self._options = {
+            "global_problem": global_problem,
+            "surgery_parameters": surgery_parameters,
+            "rows_dtype": rows_dtype,
+            "jacobian_mode": jacobian_mode,
+            "skip_non_finite": skip_non_finite,
+        }
+        FSDPShards.reshard(model)  # FSDP2: the sharded parameters, not unsharded working copies left by a forward
         self.method = method
         self.task_names = list(task_names)
         self.task_ids = {name: i for i, name in enumerate(self.task_names)}
@@ -157,6 +171,12 @@ class MultiTaskEngine:
         self.model_params = [p for _, p in named]
         self.method_params = [p for p in method.parameters() if p.requires_grad]
         self._names.update({id(p): f"method.{n}" for n, p in method.named_parameters()})
+        #: FSDP2: this rank's shards of the parameters (`hf_mtl.engine.fsdp`); `None` without FSDP
+        self.sharded = FSDPShards.from_model(model, self.model_params, self._names)
+        if self.sharded is not None:
+            refusal = fsdp_refusal(method, sharpness=sharpness, jacobian_mode=jacobian_mode)
+            if refusal is not None:
+                raise ValueError(refusal)
 
         # ---------------------------------------------------------------- problems
         self.problems: list[Problem] = []
@@ -173,14 +193,16 @@ class MultiTaskEngine:
         self.plain_params = [p for p in self.model_params if id(p) not in {id(q) for q in self.row_params}]
         self._plain_index = {id(p): i for i, p in enumerate(self.plain_params)}
         #: whether `.grad` can point into the buffer (float32 parameters and rows); else gradients are copied
-        self.pointer_grads = all(p.dtype == torch.float32 for p in self.model_params) and (
-            self.rows_dtype == torch.float32
+        self.pointer_grads = (
+            all(p.dtype == torch.float32 for p in self.model_params)
+            and self.rows_dtype == torch.float32
+            and self.sharded is None
         )
 
         # ---------------------------------------------------------------- buffer
         num_tasks = len(self.task_names)
         rows_size = sum(len(p.tasks) * p.size for p in self.problems) if self.mode == "rows" else 0
-        plain_size = sum(p.numel() for p in self.plain_params)
+        plain_size = sum(local_numel(p) for p in self.plain_params)
         early, late, rows_early = ([], [], False)
         if sharpness is not None:
             early, late, rows_early = sharpness.segments(self, rows_size=rows_size, plain_size=plain_size)
@@ -188,11 +210,14 @@ class MultiTaskEngine:
         # the window's loss sums at the weights, and (with a sharpness variant) at the perturbed weights
         loss_segments = [("loss_sums", num_tasks)] + ([("loss_sums/perturbed", num_tasks)] if sharpness else [])
         row_late = [s for s in late if s[0].startswith("rows")] if self.rows_dtype != torch.float32 else []
+        # under FSDP the parameter gradients arrive summed over the ranks (FSDP's reduce-scatter): never reduced again
+        local = ("rows", "plain") if self.sharded is not None else ()
         if self.rows_dtype == torch.float32:
             self.buffer = GradientBuffer(
                 early=(rows_segments if rows_early else []) + early,
                 late=(rows_segments if not rows_early else []) + late + [("plain", plain_size), *loss_segments],
                 device=device,
+                local=local,
             )
             self.row_buffer = self.buffer
         else:
@@ -201,11 +226,13 @@ class MultiTaskEngine:
                 late=(rows_segments if not rows_early else []) + row_late,
                 device=device,
                 dtype=self.rows_dtype,
+                local=local,
             )
             self.buffer = GradientBuffer(
                 early=early,
                 late=[s for s in late if s not in row_late] + [("plain", plain_size), *loss_segments],
                 device=device,
+                local=local,
             )
         self.plain_views = views(self.buffer["plain"], self.plain_params)
         self.loss_sums = self.buffer["loss_sums"]
@@ -239,7 +266,7 @@ class MultiTaskEngine:
         }
         if self.mode == "rows":
             for problem in self.problems:
-                problem.method.bind_parameter_layout([(n, p.numel()) for n, p in problem.block.params])
+                problem.method.bind_parameter_layout([(n, local_numel(p)) for n, p in problem.block.params])
         self._gramian = None
         if self.mode == "gramian":
             from .gramian import GramianPath
@@ -389,7 +416,15 @@ class MultiTaskEngine:
             f"{p.name} ({p.size:,} parameters)" if p.block is not None else f"{p.name} (features of {', '.join(p.encoders)})"
             for p in self.problems
         )
-        return f"`{self.method.name}` ({self.mode}) solves {scope}: {parts}"
+        sharded = " (sizes of this rank's FSDP shards)" if self.sharded is not None else ""
+        return f"`{self.method.name}` ({self.mode}) solves {scope}{sharded}: {parts}"
+
+    def rebuilt(self, model: nn.Module) -> MultiTaskEngine:
+        """The same engine (method, options, state) over ``model``'s current parameters: the trainer's after Accelerate's
+        FSDP preparation has replaced the parameters by sharded ones (`hf_mtl.engine.fsdp`)."""
+        engine = MultiTaskEngine(model, self.method, self.task_names, self.seed, self.sharpness, **self._options)
+        engine.load_state_dict(self.state_dict())
+        return engine
 
     def row_pairs(self, task: str, segment: str = "rows") -> list[tuple[nn.Parameter, Tensor]]:
         """``(parameter, view)`` of ``task``'s row in every block it belongs to, in a rows-shaped segment of the
@@ -457,16 +492,25 @@ class MultiTaskEngine:
         for m, row in enumerate(counts_device):
             for index, count in row:
                 stacked[m, index] += count.to(device=self.device, dtype=torch.float32)
-        total = all_reduce_sum(stacked.sum(dim=0).clone())
-        host = torch.cat([stacked.reshape(-1), total]).cpu()  # the one synchronisation of the window's start
-        local = host[: len(batches) * num_tasks].view(len(batches), num_tasks)
+        if self.sharded is None:
+            total = all_reduce_sum(stacked.sum(dim=0).clone())
+            presence = stacked
+        else:  # FSDP: every rank backpropagates the tasks that any rank has in a micro-batch (each backward is a collective)
+            presence = self.sharded.window_presence(stacked)
+            total = presence.sum(dim=0)
+        size = len(batches) * num_tasks
+        host = torch.cat([stacked.reshape(-1), presence.reshape(-1), total]).cpu()  # the window start's one synchronisation
+        local = host[:size].view(len(batches), num_tasks)
+        present_in = host[size : 2 * size].view(len(batches), num_tasks)
         self.global_counts = total
-        totals = host[len(batches) * num_tasks :]
+        totals = host[2 * size :]
         self.present = [t for t in self.task_names if totals[self.task_ids[t]] > 0]
         safe = total.clamp_min(1.0)
         self._factors = [stacked[m] / safe for m in range(len(batches))]
+        #: micro-batch -> task -> this rank's labelled items, for the tasks that take part in the micro-batch (with items
+        #: here; under FSDP with items on any rank)
         self._window_counts = [
-            {t: int(local[m, self.task_ids[t]]) for t in self.task_names if local[m, self.task_ids[t]] > 0}
+            {t: int(local[m, self.task_ids[t]]) for t in self.task_names if present_in[m, self.task_ids[t]] > 0}
             for m in range(len(batches))
         ]
         self.window_batches = list(batches)
@@ -515,6 +559,14 @@ class MultiTaskEngine:
             raise ValueError(f"the model returned losses for unknown task(s) {unknown}; tasks: {self.task_names}")
         counts = self._window_counts[micro_index]
         factors = self._factors[micro_index]
+        if self.sharded is not None:
+            missing = [t for t in counts if t not in losses]
+            if missing:
+                raise ValueError(
+                    f"under FSDP every rank backpropagates the tasks of a micro-batch that any rank has labels for, but "
+                    f"this rank's model returned no loss for {missing}: every rank's sub-batch must carry `labels` for its "
+                    "tasks (missing labels as -100)"
+                )
         normalised = {t: losses[t].float() * factors[self.task_ids[t]] for t in self.task_names if t in counts and t in losses}
         outputs.losses = normalised
         return outputs
@@ -544,6 +596,9 @@ class MultiTaskEngine:
     ) -> None:
         """Accumulates ``∇ loss`` of the ``pairs``' parameters into their views (``.grad`` points into the
         buffer, so autograd adds in place; reduced-precision views get a copy)."""
+        if self.sharded is not None:  # every rank runs every backward (FSDP's reduce-scatter), even with no pair here
+            self.sharded.backward(loss, pairs, retain_graph=retain_graph)
+            return
         if not pairs:
             return
         params = [p for p, _ in pairs]
@@ -837,12 +892,16 @@ class MultiTaskEngine:
         total = self.buffer.flat.sum() + mean_losses.sum()
         if self.row_buffer is not self.buffer:
             total = total + self.row_buffer.flat.sum(dtype=torch.float32)
+        if self.sharded is not None:  # this rank's shards: decided on all ranks together
+            return self.sharded.all_finite(total)
         return bool(torch.isfinite(total))
 
     def _finite_update(self) -> bool:
         """Whether every problem's update is finite (a solver may fail on finite rows)."""
         if not self._update_sums:
             return True
+        if self.sharded is not None:
+            return self.sharded.all_finite(torch.stack(self._update_sums).sum())
         return bool(torch.isfinite(torch.stack(self._update_sums)).all())
 
     def _skip_step(self) -> None:
@@ -918,11 +977,13 @@ class MultiTaskEngine:
             target = rows_all[0] if self.rows_dtype == torch.float32 else torch.empty(problem.size, device=rows.device)
             torch.mul(update.float(), self.grad_scale, out=target)
             for p, view in zip(params, views(target, params)):
-                p.grad = view if p.dtype == torch.float32 else view.to(p.dtype)
+                p.grad = self._as_grad(p, view)
 
     def _finite_tensor(self, tensor: Tensor) -> bool:
         if not self.grad_scale != 1.0:
             return True  # checked once for the whole buffer (or the step is skipped)
+        if self.sharded is not None:
+            return self.sharded.all_finite(tensor.sum(dtype=torch.float32))
         return bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
 
     def aggregate(
@@ -935,15 +996,19 @@ class MultiTaskEngine:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``method.aggregate(rows)``; for reduced-precision rows and a Gramian method, the Gramian and the update
-        are formed in float32 column chunks, never as a float32 copy of the rows."""
-        if rows.dtype == torch.float32 or not (
-            isinstance(method, GramianMethod) and type(method).aggregate is GramianMethod.aggregate
+        are formed in float32 column chunks, never as a float32 copy of the rows. Under FSDP ``rows`` are this rank's
+        column shard and the Gramian is summed over the ranks (``G = Σ_s J_s J_sᵀ``)."""
+        if self.sharded is None and (
+            rows.dtype == torch.float32
+            or not (isinstance(method, GramianMethod) and type(method).aggregate is GramianMethod.aggregate)
         ):
             return method.aggregate(rows, losses=losses, task_ids=task_ids, generator=generator)
         gramian = torch.zeros(rows.shape[0], rows.shape[0], device=rows.device)
         for start in range(0, rows.shape[1], _CHUNK):
             chunk = rows[:, start : start + _CHUNK].float()
             gramian += chunk @ chunk.T
+        if self.sharded is not None:
+            self.sharded.all_reduce_gramian(gramian)
         weights = method.weights_from_gramian(gramian, losses=losses, task_ids=task_ids, generator=generator)
         weights = weights.to(device=rows.device, dtype=torch.float32)
         method.last_weights = weights.detach()
@@ -970,9 +1035,16 @@ class MultiTaskEngine:
         touched_set = set(touched)
         for index, (p, view) in enumerate(zip(self.plain_params, self.plain_views)):
             if index in touched_set:
-                p.grad = view if p.dtype == torch.float32 else view.to(p.dtype)
+                p.grad = self._as_grad(p, view)
             else:
                 p.grad = None
+
+    def _as_grad(self, param: nn.Parameter, view: Tensor) -> Tensor:
+        """The ``.grad`` of ``param`` from its view: the view itself (float32), a copy in its dtype, or under FSDP a
+        `DTensor` with the view as this rank's shard."""
+        if self.sharded is not None:
+            return self.sharded.as_grad(param, view)
+        return view if param.dtype == torch.float32 else view.to(param.dtype)
 
     def _assign_method_grads(self, method_grads: Sequence[Tensor | None]) -> None:
         for p, g in zip(self.method_params, method_grads):

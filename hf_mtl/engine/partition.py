@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .buffer import local_numel
+
 
 @dataclass
 class ParameterBlock:
@@ -41,8 +43,8 @@ class ParameterBlock:
 
     @property
     def size(self) -> int:
-        """The number of scalar parameters, P_b."""
-        return sum(p.numel() for _, p in self.params)
+        """The number of scalar parameters, P_b (under FSDP: of this rank's shards)."""
+        return sum(local_numel(p) for _, p in self.params)
 
 
 def parameter_blocks(model: nn.Module, task_names: Sequence[str] | None = None) -> list[ParameterBlock]:
