@@ -20,6 +20,7 @@ What it adds to a plain `Trainer`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -261,8 +262,24 @@ class MultiTaskTrainer(Trainer):
                 if scaler is not None and scaler.is_enabled()
                 else 1.0
             )
+            self._bind_engine_to_sharded_model()
             self.engine.begin_window(self.model, batches, step=self.state.global_step, grad_scale=grad_scale)
         return batches, None
+
+    def _bind_engine_to_sharded_model(self) -> None:
+        """Under Accelerate's FSDP2 the model's parameters are replaced by sharded ones when training starts (after
+        the engine was built): the engine is rebuilt once over them, with its state (`hf_mtl.engine.fsdp`)."""
+        if not self.is_fsdp_enabled or self.engine.sharded is not None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        self.method.to(self.args.device)
+        self.engine = self.engine.rebuilt(model)
+        if self.engine.sharded is None:
+            raise ValueError(
+                "Accelerate's FSDP plugin is on, but the model's trainable parameters are not sharded DTensors after "
+                "its preparation: hf_mtl runs FSDP2 (`fsdp_config={'fsdp_version': 2}`) only"
+            )
+        logger.info(f"hf_mtl: {self.engine.describe()}")
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -275,29 +292,37 @@ class MultiTaskTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         # every backward runs without DDP's reducer: the engine reduces the flat buffer itself, and calls the model
         # itself (DDP's forward would pass the outputs through its unused-parameter sink, which cuts the shared
-        # features that representation methods differentiate off the losses)
-        with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+        # features that representation methods differentiate off the losses); under FSDP each backward reduce-scatters
+        # (the engine keeps the sync on), so no `no_sync`
+        sync = self.accelerator.no_sync(model) if self.engine.sharded is None else contextlib.nullcontext()
+        with sync, self.compute_loss_context_manager():
             loss = self.engine.micro_step(self.accelerator.unwrap_model(model), inputs, step=self.state.global_step)
         if self.accelerator.sync_gradients:
             self.engine.finalize()
         return loss
 
     def _refuse_unsupported_distribution(self) -> None:
-        """DeepSpeed shards and reduces gradients inside its own engine, where no per-task row can be formed:
-        refused at start, with what to use instead."""
+        """Refuses at start what cannot run exactly, with what to use instead (`hf_mtl.engine.fsdp`): DeepSpeed, and
+        under FSDP the methods that need whole rows, the SAM variants, FSDP1, ..."""
         from accelerate.utils import DistributedType
 
+        from .engine.fsdp import distribution_refusal
+
         kind = self.accelerator.distributed_type
-        if kind == DistributedType.DEEPSPEED:
-            raise ValueError(
-                "hf_mtl does not run under DeepSpeed: its engine reduces and shards gradients itself, so the per-task "
-                "gradients that a multi-task method combines never exist. Use DDP (`torchrun` / `accelerate launch` "
-                "without a DeepSpeed config), or FSDP with a Gramian method (`mtl_jacobian_mode`='rows')"
-            )
-        if kind == DistributedType.FSDP:
-            raise ValueError(
-                "hf_mtl does not run under FSDP yet: FSDP reduce-scatters each backward's gradients, so per-task rows "
-                "are never formed. Use DDP (`torchrun` / `accelerate launch` without an FSDP config)"
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        refusal = distribution_refusal(
+            kind,
+            method=self.method,
+            sharpness=self.sharpness,
+            jacobian_mode=self.args.mtl_jacobian_mode,
+            fsdp_version=getattr(plugin, "fsdp_version", None),
+        )
+        if refusal is not None:
+            raise ValueError(refusal)
+        if self.args.fsdp and kind != DistributedType.FSDP:
+            logger.warning(
+                f"`fsdp` is set but Accelerate runs {kind} (it enables FSDP on accelerators only): the run is "
+                "data-parallel, every rank holds the full parameters"
             )
 
     # ------------------------------------------------------------------ logging
@@ -364,6 +389,12 @@ class MultiTaskTrainer(Trainer):
                     if task.name in outputs.losses:
                         store["loss"].append(float(outputs.losses[task.name]) * len(rows))
                         store["count"].append(len(rows))
+            if self.engine.sharded is not None:
+                # FSDP: each forward all-gathers parameters, so every rank runs as many forwards (results unused)
+                per_rank = math.ceil(math.ceil(size / self.args.world_size) / batch_size)
+                for _ in range(per_rank - math.ceil(len(indices) / batch_size)):
+                    with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+                        model({group.key: self._prepare_inputs(group.collate(fetch_rows(group.dataset, [0])))})
         if self.args.world_size > 1:
             gathered = gather_object([collected])
             merged: dict[str, dict[str, list]] = {}

@@ -28,9 +28,9 @@ One optimizer step is a *window*: the micro-batches of one gradient-accumulation
    auxiliary loss (GradNorm). A non-finite gradient without a GradScaler skips the step (no ``.grad``),
    is logged and counted; under fp16 the update is NaN so that the GradScaler skips it as it decides.
 
-FSDP2 (``fully_shard``; Accelerate's FSDP plugin): when the model's trainable parameters are `DTensor`\ s the engine
-holds this rank's shard of every row, sums the per-shard Gramians, and writes each rank's shard of the update
-(`hf_mtl.engine.fsdp`, which says what runs sharded and what is refused).
+FSDP2 (``fully_shard``; Accelerate's FSDP plugin): when the model's trainable parameters are `DTensor` parameters
+the engine holds this rank's shard of every row, sums the per-shard Gramians, and writes each rank's shard of the
+update (`hf_mtl.engine.fsdp`, which says what runs sharded and what is refused).
 
 Mixed precision: under fp16 the losses are multiplied by the GradScaler's scale before each backward;
 the rows are divided by it (a power of two: exact) before the method and the update is multiplied back,
@@ -420,8 +420,8 @@ class MultiTaskEngine:
         return f"`{self.method.name}` ({self.mode}) solves {scope}{sharded}: {parts}"
 
     def rebuilt(self, model: nn.Module) -> MultiTaskEngine:
-        """The same engine (method, options, state) over ``model``'s current parameters: the trainer's after Accelerate's
-        FSDP preparation has replaced the parameters by sharded ones (`hf_mtl.engine.fsdp`)."""
+        """The same engine (method, options, state) over ``model``'s current parameters: the trainer's, after
+        Accelerate's FSDP preparation has replaced the parameters by sharded ones (`hf_mtl.engine.fsdp`)."""
         engine = MultiTaskEngine(model, self.method, self.task_names, self.seed, self.sharpness, **self._options)
         engine.load_state_dict(self.state_dict())
         return engine
@@ -495,11 +495,12 @@ class MultiTaskEngine:
         if self.sharded is None:
             total = all_reduce_sum(stacked.sum(dim=0).clone())
             presence = stacked
-        else:  # FSDP: every rank backpropagates the tasks that any rank has in a micro-batch (each backward is a collective)
+        else:  # FSDP: every rank backpropagates the tasks any rank has in a micro-batch (a backward is a collective)
             presence = self.sharded.window_presence(stacked)
             total = presence.sum(dim=0)
         size = len(batches) * num_tasks
-        host = torch.cat([stacked.reshape(-1), presence.reshape(-1), total]).cpu()  # the window start's one synchronisation
+        # the one synchronisation of the window's start
+        host = torch.cat([stacked.reshape(-1), presence.reshape(-1), total]).cpu()
         local = host[:size].view(len(batches), num_tasks)
         present_in = host[size : 2 * size].view(len(batches), num_tasks)
         self.global_counts = total
@@ -507,8 +508,8 @@ class MultiTaskEngine:
         self.present = [t for t in self.task_names if totals[self.task_ids[t]] > 0]
         safe = total.clamp_min(1.0)
         self._factors = [stacked[m] / safe for m in range(len(batches))]
-        #: micro-batch -> task -> this rank's labelled items, for the tasks that take part in the micro-batch (with items
-        #: here; under FSDP with items on any rank)
+        #: micro-batch -> task -> this rank's labelled items, for the tasks that take part in the micro-batch (with
+        #: items here; under FSDP with items on any rank)
         self._window_counts = [
             {t: int(local[m, self.task_ids[t]]) for t in self.task_names if present_in[m, self.task_ids[t]] > 0}
             for m in range(len(batches))
@@ -563,9 +564,9 @@ class MultiTaskEngine:
             missing = [t for t in counts if t not in losses]
             if missing:
                 raise ValueError(
-                    f"under FSDP every rank backpropagates the tasks of a micro-batch that any rank has labels for, but "
-                    f"this rank's model returned no loss for {missing}: every rank's sub-batch must carry `labels` for its "
-                    "tasks (missing labels as -100)"
+                    "under FSDP every rank backpropagates the tasks of a micro-batch that any rank has labels for, "
+                    f"but this rank's model returned no loss for {missing}: every rank's sub-batch must carry `labels` "
+                    "for its tasks (missing labels as -100)"
                 )
         normalised = {t: losses[t].float() * factors[self.task_ids[t]] for t in self.task_names if t in counts and t in losses}
         outputs.losses = normalised

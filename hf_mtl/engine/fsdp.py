@@ -113,21 +113,22 @@ def fsdp_refusal(
         )
     if sharpness is not None:
         return (
-            f"`sam`={sharpness.name!r} does not run under FSDP: its perturbation needs the whole step's gradient norm "
-            f"and a restore of the sharded weights, which hf_mtl does not do exactly under FSDP. Drop `sam`, or {_USE_DDP}"
+            f"{type(sharpness).__name__} (`sam`) does not run under FSDP: its perturbation needs the whole step's "
+            "gradient norm and a restore of the sharded weights, which hf_mtl does not do exactly under FSDP. Drop "
+            f"`sam`, or {_USE_DDP}"
         )
     if jacobian_mode != "rows":
         return (
-            f"`mtl_jacobian_mode`={jacobian_mode!r} does not run under FSDP: it differentiates modules and features with "
-            "hooks and `autograd.grad`, which under FSDP see unsharded working copies of the parameters. Use "
+            f"`mtl_jacobian_mode`={jacobian_mode!r} does not run under FSDP: it differentiates modules and features "
+            "with hooks and `autograd.grad`, which under FSDP see unsharded working copies of the parameters. Use "
             f"`mtl_jacobian_mode`='rows', or {_USE_DDP}"
         )
     name = method.name
     if method.requires_representation:
         return (
             f"`{name}` combines per-task gradients of the shared features, which under FSDP would be taken with "
-            "respect to unsharded working copies of the heads. Use a Gramian method (pcgrad, mgda, cagrad, upgrad, ...) "
-            f"or a loss-weighting one, or {_USE_DDP}"
+            "respect to unsharded working copies of the heads. Use a Gramian method (pcgrad, mgda, cagrad, upgrad, "
+            f"...) or a loss-weighting one, or {_USE_DDP}"
         )
     trainable = [p for p in method.parameters() if p.requires_grad]
     if trainable:
@@ -141,18 +142,44 @@ def fsdp_refusal(
         isinstance(method, GramianMethod) and type(method).aggregate is GramianMethod.aggregate
     ):
         return (
-            f"`{name}` needs each task's whole gradient row, but under FSDP each rank holds a shard of it; only methods "
-            "whose update is wᵀJ with weights from the K x K Gramian (pcgrad, mgda, cagrad, imtl, nash_mtl, upgrad, "
-            f"dualproj, aligned_mtl, ...) and loss-weighting methods run sharded. Use one of those, or {_USE_DDP}"
+            f"`{name}` needs each task's whole gradient row, but under FSDP each rank holds a shard of it; only "
+            "methods whose update is wᵀJ with weights from the K x K Gramian (pcgrad, mgda, cagrad, imtl, nash_mtl, "
+            f"upgrad, dualproj, aligned_mtl, ...) and loss-weighting methods run sharded. Use one of those, or {_USE_DDP}"
         )
+    return None
+
+
+def distribution_refusal(
+    distributed_type: Any,
+    *,
+    method: GradientMethod,
+    sharpness: Sharpness | None = None,
+    jacobian_mode: str = "rows",
+    fsdp_version: int | None = None,
+) -> str | None:
+    """Why hf_mtl cannot run under Accelerate's ``distributed_type``, with what to use instead; `None` when it can.
+
+    DeepSpeed is refused: it shards and reduces gradients inside its own engine, where no per-task row can be formed.
+    FSDP runs the configurations of `fsdp_refusal`.
+    """
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.DEEPSPEED:
+        return (
+            "hf_mtl does not run under DeepSpeed: DeepSpeed reduces and shards gradients inside its own engine, so the "
+            "per-task gradients that a multi-task method combines never exist. Use DDP (`torchrun` / `accelerate "
+            "launch` without a DeepSpeed config), or FSDP2 with a Gramian or loss-weighting method"
+        )
+    if distributed_type == DistributedType.FSDP:
+        return fsdp_refusal(method, sharpness=sharpness, jacobian_mode=jacobian_mode, fsdp_version=fsdp_version or 1)
     return None
 
 
 class FSDPShards:
     """The engine's view of a model whose trainable parameters FSDP2 shards (see the module docstring).
 
-    Built by `MultiTaskEngine` when the model's trainable parameters are `DTensor`\\ s; raises when the configuration
-    or the sharding is one the engine cannot run exactly.
+    Built by `MultiTaskEngine` when the model's trainable parameters are `DTensor` parameters; raises when the
+    configuration or the sharding is one the engine cannot run exactly.
 
     Args:
         model (`nn.Module`): the model after ``fully_shard`` (its root and any submodules).
@@ -176,9 +203,9 @@ class FSDPShards:
             mesh, placements = p.device_mesh, tuple(p.placements)
             if mesh.ndim != 1 or placements != (Shard(0),) or mesh.size() != world:
                 raise ValueError(
-                    f"parameter {names[id(p)]!r} is sharded as {placements} on a mesh of shape {tuple(mesh.shape)}; the "
-                    f"engine runs FSDP2's one-dimensional sharding over all {world} ranks (Shard(0)) only, not HSDP or "
-                    "tensor parallelism"
+                    f"parameter {names[id(p)]!r} is sharded as {placements} on a mesh of shape {tuple(mesh.shape)}; "
+                    f"the engine runs FSDP2's one-dimensional sharding over all {world} ranks (Shard(0)) only, not "
+                    "HSDP or tensor parallelism"
                 )
         #: every FSDP unit of the model (each gets the plain-sum reduction)
         self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -217,9 +244,13 @@ class FSDPShards:
         view and resets every ``.grad``.
 
         The backward takes no ``inputs``: autograd sees FSDP's unsharded working copies, not the sharded parameters,
-        and FSDP's post-backward hooks move the reduced gradients onto the sharded ones."""
+        and FSDP's post-backward hooks move the reduced gradients onto the sharded ones. Every ``.grad`` is reset
+        before as well: FSDP adds into an existing sharded gradient, and a ``zero_grad`` after a forward without
+        backward (FAMO's losses after the step) only reaches the unsharded working copies of the root unit."""
         for module in self.modules:
             module.set_requires_gradient_sync(True, recurse=False)
+        for p in self.params:
+            p.grad = None
         torch.autograd.backward(loss, retain_graph=retain_graph)
         with torch.no_grad():
             present = [(view, p.grad.to_local()) for p, view in pairs if p.grad is not None]

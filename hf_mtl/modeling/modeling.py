@@ -336,6 +336,12 @@ class MultiTaskModel(PreTrainedModel):
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    def get_input_embeddings(self) -> None:
+        """`None`: each encoder has its own input embeddings (``model.encoders[key].get_input_embeddings()``), none is
+        the model's. (Accelerate's FSDP2 preparation asks for them and shards them as a unit of their own when there
+        are some; `PreTrainedModel`'s default raises for a model it cannot inspect.)"""
+        return None
+
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Task -> names of the trainable parameters its loss can reach (its encoder, the trunk
         projection of that encoder and the trunk blocks, its head), in ``named_parameters`` order."""

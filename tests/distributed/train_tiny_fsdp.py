@@ -10,10 +10,13 @@ FSDP mode (`hf_mtl.engine.fsdp`). The step is the trainer's: the multi-task load
 window per optimizer step (``begin_window``, ``micro_step`` per micro-batch, ``finalize``), SGD, and the method's
 hook after the optimizer step.
 
-A CONFIG is ``name=method[,key:value...]`` with keys ``sampling``, ``accumulation``, ``blocks`` and ``partial``
+A CONFIG is ``name=method[,key:value...]`` with keys ``sampling``, ``accumulation``, ``blocks``, ``partial``
 (``partial:yes``: half of the rows carry no ``coarse`` label, so a micro-batch can have ``coarse`` items on one rank
-and none on the other). Dropout is off and the optimizer is SGD, so that runs over the same global batch can be
-compared parameter by parameter.
+and none on the other), ``shard`` (``shard:encoders``: the root is not sharded, so the heads stay plain tensors) and
+``evaluate`` (``evaluate:yes``: `MultiTaskTrainer.evaluate` on eval sets whose sizes
+give the ranks different numbers of batches). Dropout is off and the optimizer is SGD, so that runs over the same
+global batch can be compared parameter by parameter. A configuration the engine refuses under FSDP saves its
+message instead.
 """
 
 from __future__ import annotations
@@ -87,15 +90,21 @@ def main() -> None:
         if distributed:
             for encoder in model.encoders.values():
                 fully_shard(encoder)
-            fully_shard(model)
+            if options.get("shard") != "encoders":  # `shard:encoders` leaves the heads unsharded (refused)
+                fully_shard(model)
         model.train()
-        engine = MultiTaskEngine(
-            model,
-            get_method(options["method"], num_tasks=len(tasks)),
-            [task.name for task in tasks],
-            seed=0,
-            global_problem=options.get("blocks") == "global",
-        )
+        try:
+            engine = MultiTaskEngine(
+                model,
+                get_method(options["method"], num_tasks=len(tasks)),
+                [task.name for task in tasks],
+                seed=0,
+                global_problem=options.get("blocks") == "global",
+            )
+        except ValueError as error:
+            if rank == 0:
+                torch.save({"refusal": str(error), "world_size": world}, out / f"{name}.pt")
+            continue
         sharded = sum(1 for p in engine.model_params if hasattr(p, "to_local"))
         data = {
             "digit": fsdd["train"],
@@ -123,7 +132,11 @@ def main() -> None:
             batches = [next(batches_iter) for _ in range(accumulation)]
             if distributed:  # micro-batches whose coarse items are on some ranks only (FSDP's zero-loss backwards)
                 for batch in batches:
-                    local = sum(int((s["labels"]["coarse"] != -100).sum()) for s in batch.values() if "coarse" in (s.get("labels") or {}))
+                    local = sum(
+                        int((s["labels"]["coarse"] != -100).sum())
+                        for s in batch.values()
+                        if "coarse" in (s.get("labels") or {})
+                    )
                     found = torch.tensor([float(local > 0), 1.0])
                     dist.all_reduce(found)
                     split_micro_batches += int(0 < found[0] < found[1])
@@ -135,6 +148,25 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             engine.after_optimizer_step(model)
             logs.append(engine.pop_logs())
+        metrics = {}
+        if options.get("evaluate") == "yes":
+            from hf_mtl import MultiTaskTrainer, MultiTaskTrainingArguments
+
+            args = MultiTaskTrainingArguments(
+                output_dir=str(out / name), mtl_method=options["method"], per_device_eval_batch_size=8, report_to=[]
+            )
+            trainer = MultiTaskTrainer(
+                model=model,
+                args=args,
+                eval_dataset={
+                    "digit": fsdd["test"].select(range(17)),
+                    "coarse": trec["test"].select(range(25)),
+                    "handwritten": digits["test"].select(range(33)),
+                },
+                processing_class={"text": tokenizer},
+                data_collator={"speech": collators["speech"]},
+            )
+            metrics = trainer.evaluate()
         full = {}
         for param_name, param in model.named_parameters():
             full[param_name] = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
@@ -145,11 +177,14 @@ def main() -> None:
                     "initial": initial,
                     "world_size": world,
                     "sharded_parameters": sharded,
-                    "local_size": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in engine.model_params),
+                    "local_size": sum(
+                        p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in engine.model_params
+                    ),
                     "full_size": sum(p.numel() for p in engine.model_params),
                     "split_micro_batches": split_micro_batches,
                     "describe": engine.describe(),
                     "logs": logs,
+                    "metrics": metrics,
                 },
                 out / f"{name}.pt",
             )
