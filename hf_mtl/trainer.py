@@ -202,6 +202,19 @@ class MultiTaskTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus one parameter group for the method's learnable parameters."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if not self.is_fsdp_enabled:  # under FSDP the group joins after Accelerate's preparation (`create_scheduler`)
+            self._add_method_parameters(optimizer)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The Trainer's scheduler. Under FSDP the method's parameter group joins the optimizer here, after Accelerate's
+        FSDP2 preparation (which maps every optimizer parameter to a sharded model parameter) and before the scheduler
+        reads the groups."""
+        if self.is_fsdp_enabled:
+            self._add_method_parameters(optimizer if optimizer is not None else self.optimizer)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _add_method_parameters(self, optimizer: torch.optim.Optimizer) -> None:
         method_params = [p for p in self.method.parameters() if p.requires_grad]
         if method_params and not any(
             p is q for group in optimizer.param_groups for q in group["params"] for p in method_params
@@ -210,7 +223,6 @@ class MultiTaskTrainer(Trainer):
             optimizer.add_param_group(
                 {"params": method_params, "weight_decay": 0.0, "lr": self.args.learning_rate if lr is None else lr}
             )
-        return optimizer
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -316,6 +328,7 @@ class MultiTaskTrainer(Trainer):
             sharpness=self.sharpness,
             jacobian_mode=self.args.mtl_jacobian_mode,
             fsdp_version=getattr(plugin, "fsdp_version", None),
+            saves_optimizer=self.args.save_strategy != "no" and not self.args.save_only_model,
         )
         if refusal is not None:
             raise ValueError(refusal)

@@ -44,9 +44,11 @@ FSDP config, for these):
   unsharded working copies of the parameters, not the sharded parameters whose gradients FSDP reduces;
 - SAM, ASAM and F-MTL: their perturbation needs the whole step's gradient norm and a restore of the sharded
   weights around re-sharding forwards; not implemented exactly under FSDP;
-- methods with learnable parameters of their own (uw; imtl with its IMTL-L loss scales; gradnorm): Accelerate's
-  FSDP2 preparation maps every optimizer parameter to a sharded model parameter and fails on any other (imtl
-  with ``{"loss_balancing": false}`` has none);
+- methods with learnable parameters of their own (uw; imtl with its IMTL-L loss scales) when the optimizer is
+  checkpointed: FSDP's optimizer checkpoint (`torch.distributed.checkpoint`) holds model parameters only and fails
+  on any other at the first save. They train with ``save_only_model=True`` or ``save_strategy="no"`` (the trainer
+  adds their parameter group after Accelerate's FSDP2 preparation, which maps every optimizer parameter to a
+  sharded model parameter); imtl with ``{"loss_balancing": false}`` has none;
 - FSDP1 (``fsdp_version=1``): it flattens parameters into flat buffers whose gradient views are not per-parameter
   shards; use ``fsdp_config={"fsdp_version": 2}``;
 - a model with trainable parameters that FSDP does not shard, or sharded on another mesh than one dimension over
@@ -95,6 +97,7 @@ def fsdp_refusal(
     sharpness: Sharpness | None = None,
     jacobian_mode: str = "rows",
     fsdp_version: int = 2,
+    saves_optimizer: bool = False,
 ) -> str | None:
     """Why a configuration cannot run under FSDP, with what to use instead; `None` when it can.
 
@@ -103,6 +106,7 @@ def fsdp_refusal(
         sharpness (`Sharpness`, *optional*): the run's SAM variant.
         jacobian_mode (`str`, *optional*, defaults to `"rows"`): `mtl_jacobian_mode`.
         fsdp_version (`int`, *optional*, defaults to `2`): Accelerate's ``fsdp_version``.
+        saves_optimizer (`bool`, *optional*, defaults to `False`): whether checkpoints hold the optimizer's state.
     """
     from ..methods.base import GramianMethod
 
@@ -131,12 +135,12 @@ def fsdp_refusal(
             f"...) or a loss-weighting one, or {_USE_DDP}"
         )
     trainable = [p for p in method.parameters() if p.requires_grad]
-    if trainable:
+    if trainable and saves_optimizer:
         hint = " (`mtl_method_kwargs={'loss_balancing': false}` turns IMTL-L's scales off)" if name == "imtl" else ""
         return (
-            f"`{name}` trains {sum(p.numel() for p in trainable)} parameter(s) of its own, and Accelerate's FSDP2 "
-            f"preparation maps every optimizer parameter to a sharded model parameter{hint}. Use a method without "
-            f"learnable parameters, or {_USE_DDP}"
+            f"`{name}` trains {sum(p.numel() for p in trainable)} parameter(s) of its own, and FSDP's optimizer "
+            "checkpoint holds model parameters only (it fails at the first save). Set `save_only_model=True` or "
+            f"`save_strategy='no'`, use a method without learnable parameters{hint}, or {_USE_DDP}"
         )
     if method.requires_jacobian and not (
         isinstance(method, GramianMethod) and type(method).aggregate is GramianMethod.aggregate
@@ -144,7 +148,8 @@ def fsdp_refusal(
         return (
             f"`{name}` needs each task's whole gradient row, but under FSDP each rank holds a shard of it; only "
             "methods whose update is wᵀJ with weights from the K x K Gramian (pcgrad, mgda, cagrad, imtl, nash_mtl, "
-            f"upgrad, dualproj, aligned_mtl, ...) and loss-weighting methods run sharded. Use one of those, or {_USE_DDP}"
+            "upgrad, dualproj, aligned_mtl, ...) and loss-weighting methods run sharded. Use one of those, or "
+            f"{_USE_DDP}"
         )
     return None
 
@@ -156,6 +161,7 @@ def distribution_refusal(
     sharpness: Sharpness | None = None,
     jacobian_mode: str = "rows",
     fsdp_version: int | None = None,
+    saves_optimizer: bool = False,
 ) -> str | None:
     """Why hf_mtl cannot run under Accelerate's ``distributed_type``, with what to use instead; `None` when it can.
 
@@ -171,7 +177,13 @@ def distribution_refusal(
             "launch` without a DeepSpeed config), or FSDP2 with a Gramian or loss-weighting method"
         )
     if distributed_type == DistributedType.FSDP:
-        return fsdp_refusal(method, sharpness=sharpness, jacobian_mode=jacobian_mode, fsdp_version=fsdp_version or 1)
+        return fsdp_refusal(
+            method,
+            sharpness=sharpness,
+            jacobian_mode=jacobian_mode,
+            fsdp_version=fsdp_version or 1,
+            saves_optimizer=saves_optimizer,
+        )
     return None
 
 

@@ -36,6 +36,7 @@ TRAINED = [
     "famo_uniform=famo,sampling:uniform,accumulation:2",
     "pcgrad_partial=pcgrad,partial:yes",
     "dualproj_global=dualproj,blocks:global,sampling:proportional",
+    "imtl_scales=imtl,sampling:uniform,accumulation:2",
 ]
 #: configurations the engine refuses when it finds sharded parameters -> a phrase of the message
 REFUSED = {
@@ -72,6 +73,8 @@ def test_two_fsdp_processes_match_one_process_on_the_same_global_batch(tmp_path)
         assert "FSDP shards" in double["describe"] or "weights the task losses" in double["describe"], name
         for param, value in single["params"].items():
             torch.testing.assert_close(double["params"][param], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {param}")
+        for param, value in single["method"].items():  # the method's own parameters (IMTL-L's loss scales)
+            torch.testing.assert_close(double["method"][param], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {param}")
         moved = [n for n, v in single["params"].items() if not torch.equal(v, single["initial"][n])]
         assert len(moved) > (len(single["params"]) // 2 if "sampling" not in config else 0), name
         # the logged step means of the losses and the method's weights
@@ -83,6 +86,7 @@ def test_two_fsdp_processes_match_one_process_on_the_same_global_batch(tmp_path)
             if key.startswith("eval_"):
                 assert double["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert torch.load(two / "mgda_all.pt")["metrics"], "the evaluation ran"
+    assert torch.load(one / "imtl_scales.pt")["method"]["s"].abs().max() > 0.1, "IMTL-L's scales trained"
     # a micro-batch had `coarse` items on one rank and none on the other: both ranks backpropagated it
     assert torch.load(two / "pcgrad_partial.pt")["split_micro_batches"] > 0
     for config, phrase in REFUSED.items():
@@ -115,18 +119,21 @@ def test_gramian_and_loss_weighting_methods_run_under_fsdp(name):
         ("excess_mtl", "whole gradient row"),
         ("graddrop", "per-task gradients of the shared features"),
         ("mgda_ub", "per-task gradients of the shared features"),
-        ("gradnorm", "parameter(s) of its own"),
-        ("uw", "parameter(s) of its own"),
-        ("imtl", "loss_balancing"),
+        ("gradnorm", "whole gradient row"),
     ],
 )
-def test_methods_that_need_whole_rows_or_own_parameters_are_refused_under_fsdp(name, phrase):
+def test_methods_that_need_whole_rows_are_refused_under_fsdp(name, phrase):
     message = _refusal(name)
     assert message is not None and phrase in message and "use DDP" in message, message
 
 
-def test_imtl_without_its_learnable_loss_scales_runs_under_fsdp():
-    assert _refusal("imtl", method_kwargs={"loss_balancing": False}) is None
+@pytest.mark.parametrize("name", ["uw", "imtl"])
+def test_methods_with_own_parameters_are_refused_under_fsdp_only_when_the_optimizer_is_checkpointed(name):
+    message = _refusal(name, saves_optimizer=True)
+    assert message is not None and "parameter(s) of its own" in message and "save_only_model=True" in message
+    assert ("loss_balancing" in message) == (name == "imtl")
+    assert _refusal(name, saves_optimizer=False) is None
+    assert _refusal("imtl", method_kwargs={"loss_balancing": False}, saves_optimizer=True) is None
 
 
 @pytest.mark.parametrize("variant", ["sam", "asam", "fmtl"])

@@ -124,7 +124,7 @@ def main() -> None:
         loader = build_dataloader(
             groups, sampling=options.get("sampling", "all"), seed=0, num_replicas=world, rank=rank, pin_memory=False
         )
-        optimizer = torch.optim.SGD(engine.model_params, lr=0.5)
+        optimizer = torch.optim.SGD(engine.model_params + engine.method_params, lr=0.5)
         accumulation = int(options.get("accumulation", "1"))
         batches_iter = iter(loader)
         logs, split_micro_batches = [], 0
@@ -175,6 +175,7 @@ def main() -> None:
                 {
                     "params": full,
                     "initial": initial,
+                    "method": {n: p.detach().clone() for n, p in engine.method.named_parameters()},
                     "world_size": world,
                     "sharded_parameters": sharded,
                     "local_size": sum(
