@@ -7,7 +7,7 @@ Gramians G = Σ_s J_s J_sᵀ over the ranks, takes the method's weights from G o
 wᵀ J as a DTensor gradient (`hf_mtl.engine.fsdp`). So after a few SGD steps the gathered parameters must match the
 one-process run (per-device batch 2b there, b on each of the two ranks) to float rounding, with gradient
 accumulation, sampling strategies that leave tasks out of micro-steps, a task labelled on one rank only in a
-micro-batch, one global problem, loss weighting from the step's losses (FAMO), and the trainer's evaluation.
+micro-batch, one global problem, surgery restricted by name, loss weighting from the step's losses (FAMO), and the trainer's evaluation.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ TRAINED = [
     "pcgrad_partial=pcgrad,partial:yes",
     "dualproj_global=dualproj,blocks:global,sampling:proportional",
     "imtl_scales=imtl,sampling:uniform,accumulation:2",
+    "cagrad_surgery=cagrad,surgery:encoder\\.layer",
 ]
 #: configurations the engine refuses when it finds sharded parameters -> a phrase of the message
 REFUSED = {

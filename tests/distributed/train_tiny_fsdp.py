@@ -10,7 +10,8 @@ FSDP mode (`hf_mtl.engine.fsdp`). The step is the trainer's: the multi-task load
 window per optimizer step (``begin_window``, ``micro_step`` per micro-batch, ``finalize``), SGD, and the method's
 hook after the optimizer step.
 
-A CONFIG is ``name=method[,key:value...]`` with keys ``sampling``, ``accumulation``, ``blocks``, ``partial``
+A CONFIG is ``name=method[,key:value...]`` with keys ``sampling``, ``accumulation``, ``blocks``, ``surgery`` (a
+pattern of `mtl_surgery_parameters`), ``rows`` (``rows:bfloat16``), ``partial``
 (``partial:yes``: half of the rows carry no ``coarse`` label, so a micro-batch can have ``coarse`` items on one rank
 and none on the other), ``shard`` (``shard:encoders``: the root is not sharded, so the heads stay plain tensors) and
 ``evaluate`` (``evaluate:yes``: `MultiTaskTrainer.evaluate` on eval sets whose sizes
@@ -100,6 +101,8 @@ def main() -> None:
                 [task.name for task in tasks],
                 seed=0,
                 global_problem=options.get("blocks") == "global",
+                surgery_parameters=[options["surgery"]] if "surgery" in options else None,
+                rows_dtype=torch.bfloat16 if options.get("rows") == "bfloat16" else torch.float32,
             )
         except ValueError as error:
             if rank == 0:
