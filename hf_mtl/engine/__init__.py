@@ -3,7 +3,8 @@
 - `partition`: which parameters are method problems (blocks), plain, or one task's own;
 - `buffer`: the preallocated flat buffer that crosses ranks;
 - `engine`: `MultiTaskEngine`, the step from a window of micro-batches to every ``.grad``;
-- `gramian`: the Gramian path for shared-input groups (no K x P rows).
+- `gramian`: the Gramian path for shared-input groups (no K x P rows);
+- `fsdp`: the engine under FSDP2 (per-shard rows, the all-reduced Gramian) and what is refused there.
 """
 
 from .buffer import GradientBuffer, all_reduce_sum, is_distributed
