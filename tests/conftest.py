@@ -66,7 +66,7 @@ def trec_tokenizer(tmp_path_factory, trec_sample):
     words = [word for word, count in counts.most_common() if count >= 2]
     vocab = tmp_path_factory.mktemp("trec_tokenizer") / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(vocab))
+    return BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores `vocab_file=`
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 0, dropout: float = 0.1):
