@@ -116,17 +116,18 @@ def _check_output_dir(args: MultiTaskTrainingArguments) -> None:
 
 
 def _majority_baselines(trainer: MultiTaskTrainer) -> dict[str, float]:
-    """Task -> the accuracy of always predicting its most frequent eval label (single-label tasks, map-style data)."""
+    """Task -> the accuracy of always predicting its most frequent eval label (where the task's head kind has
+    such a chance level, `TaskHead.majority_accuracy`; map-style data)."""
     from .data.loader import label_values
-    from .metrics import majority_class_accuracy
 
     baselines = {}
     for group in trainer.eval_groups or []:
         if group.is_iterable:
             continue
         for task in group.tasks:
-            if task.head == "classification":
-                baselines[task.name] = majority_class_accuracy(label_values(group.dataset, task.label_column))
+            value = trainer.model.heads[task.name].majority_accuracy(label_values(group.dataset, task.label_column))
+            if value is not None:
+                baselines[task.name] = value
     return baselines
 
 
