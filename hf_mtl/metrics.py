@@ -402,6 +402,7 @@ def resolve_metrics(
 # Per-task metrics
 # --------------------------------------------------------------------------------------------------
 
+
 def _head_class(head: Any) -> Any:
     """The `TaskHead` class of a head kind's name, a head class or a head."""
     from .modeling.heads import HEADS, TaskHead

@@ -119,7 +119,9 @@ def _load_dataset(data_dir: str | None = None, path: str | None = None, **option
     import datasets
 
     if path is None:
-        raise ValueError("loader 'load_dataset' needs a `path`: a Hub data set name, a builder (csv, json, ...) or a folder")
+        raise ValueError(
+            "loader 'load_dataset' needs a `path`: a Hub data set name, a builder (csv, json, ...) or a folder"
+        )
     if data_dir is not None:
         options.setdefault("data_dir", data_dir)
     location = os.path.expanduser(str(path))
@@ -200,7 +202,8 @@ class DataSpec:
             ``revision``, ... for ``load_dataset``).
         columns (`dict[str, str]`, *optional*): ``{name the recipe uses: column of the data set}``, renaming
             columns so that the collators and tasks find them: ``text`` (and ``text_pair``), ``image``, ``audio``,
-            ``pixel_values``, ``input_values``, or a task's label column (``{coarse: label_coarse}``).
+            ``pixel_values``, ``input_values``, or a task's label column (``{coarse: label_coarse}``). An ``audio`` or
+            ``image`` column of file paths (strings) becomes an ``Audio`` / ``Image`` column.
         train_split (`str`, *optional*, defaults to `"train"`) / eval_split (`str`, *optional*, defaults to
             `"test"`): the splits used; `eval_split: null` for none.
         max_train_samples / max_eval_samples (`int`, *optional*): keep the first N rows of a split (after a
@@ -529,6 +532,17 @@ def resolve_recipe(source: str | os.PathLike) -> Path:
     try:
         return Path(hf_hub_download(repo_id, RECIPE_FILENAME, revision=revision or None))
     except LocalEntryNotFoundError as error:
+        from huggingface_hub import snapshot_download
+
+        try:  # offline: is the repository in the cache, only without a recipe?
+            snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        else:
+            raise ValueError(
+                f"recipe {str(source)!r}: the Hub repository {repo_id!r} (its copy in the Hugging Face cache) has no "
+                f"{RECIPE_FILENAME}"
+            ) from error
         raise ValueError(
             f"recipe {str(source)!r} is not a local file, and the Hub repository {repo_id!r} cannot be reached and is "
             f"not in the Hugging Face cache ({error.__class__.__name__})"
@@ -536,7 +550,9 @@ def resolve_recipe(source: str | os.PathLike) -> Path:
     except EntryNotFoundError as error:
         raise ValueError(f"recipe {str(source)!r}: the Hub repository {repo_id!r} has no {RECIPE_FILENAME}") from error
     except (OSError, ValueError) as error:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors
-        raise ValueError(f"recipe {str(source)!r} is not a local file, nor a readable Hub repository: {error}") from error
+        raise ValueError(
+            f"recipe {str(source)!r} is not a local file, nor a readable Hub repository: {error}"
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -713,7 +729,16 @@ def _rename_columns(key: str, split: str, dataset: Any, columns: Mapping[str, st
         if target in present and target not in columns.values():
             raise ValueError(f"data.{key}.columns: the {split} split has a column {target!r} already")
         renames[source] = target
-    return dataset.rename_columns(renames) if renames else dataset
+    dataset = dataset.rename_columns(renames) if renames else dataset
+    from datasets import Audio, Image, Value
+
+    for target, feature in (("audio", Audio()), ("image", Image())):  # a column of file paths becomes a media column
+        kind = getattr((dataset.features or {}).get(target), "dtype", None)
+        if target in columns and kind in ("string", "large_string"):
+            if kind == "large_string":  # Arrow casts only `string` to the media struct
+                dataset = dataset.cast_column(target, Value("string"))
+            dataset = dataset.cast_column(target, feature)
+    return dataset
 
 
 def load_data(key: str, spec: DataSpec, seed: int) -> tuple[Any, Any | None]:

@@ -70,7 +70,9 @@ class Task:
         head_class = HEADS.get(self.head)
         if self.label_names is not None:
             if isinstance(self.label_names, str) or not all(isinstance(n, str) for n in self.label_names):
-                raise ValueError(f"task {self.name!r}: `label_names` must be a list of strings, got {self.label_names!r}")
+                raise ValueError(
+                    f"task {self.name!r}: `label_names` must be a list of strings, got {self.label_names!r}"
+                )
             self.label_names = list(self.label_names)
             duplicates = sorted({n for n in self.label_names if self.label_names.count(n) > 1})
             if duplicates:

@@ -493,9 +493,7 @@ class EncoderInputsCollator:
         `dict[str, torch.Tensor]`: the encoder inputs found in the rows, padded or stacked.
     """
 
-    def __init__(
-        self, main_input_name: str = "input_ids", pad_token_id: int | None = 0, fallback: Any = None
-    ) -> None:
+    def __init__(self, main_input_name: str = "input_ids", pad_token_id: int | None = 0, fallback: Any = None) -> None:
         self.main_input_name = main_input_name
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self.fallback = fallback

@@ -179,9 +179,7 @@ def group_tasks(
         columns = _column_names(dataset) if check_columns is not None and not is_iterable_dataset(dataset) else None
         problem = check_columns(columns) if columns is not None else None
         if problem:
-            raise ValueError(
-                f"task {task.name!r} (encoder {task.encoder!r}, its `{split}_dataset`): {problem}"
-            )
+            raise ValueError(f"task {task.name!r} (encoder {task.encoder!r}, its `{split}_dataset`): {problem}")
         index = next(
             (i for i, g in enumerate(groups) if g.encoder == task.encoder and _same_data(g.dataset, dataset)), None
         )

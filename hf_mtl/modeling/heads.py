@@ -392,7 +392,10 @@ class TokenClassificationHead(ClassificationHead):
         for row in range(scores.shape[0]):
             length = int(mask[row].sum()) if mask is not None else scores.shape[1]
             out.append(
-                [{"label": _label(int(i), names), "score": float(s)} for s, i in zip(best[row, :length], indices[row, :length])]
+                [
+                    {"label": _label(int(i), names), "score": float(s)}
+                    for s, i in zip(best[row, :length], indices[row, :length])
+                ]
             )
         return out
 

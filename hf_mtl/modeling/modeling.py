@@ -138,7 +138,8 @@ def _wrap_with_adapter(key: str, encoder: nn.Module, adapter: Mapping[str, Any])
     """``peft.get_peft_model(encoder, config)`` for a stored adapter config."""
     from peft import PeftConfig, get_peft_model
 
-    options = {k: v for k, v in adapter.items() if v is not None}
+    # the base's name is the wrapped model's own (PEFT fills it in; a stale one would only be warned about)
+    options = {k: v for k, v in adapter.items() if v is not None and k != "base_model_name_or_path"}
     try:
         config = PeftConfig.from_peft_type(**options)
     except (TypeError, ValueError) as error:
@@ -167,7 +168,7 @@ def load_pretrained_encoder(key: str, name_or_path: str | os.PathLike, **kwargs:
             f"encoder {key!r}: {name!r} {where}, and not a Hub model id that loads (offline, only the ones in the "
             f"Hugging Face cache do): {error}"
         ) from error
-    encoder.config._name_or_path = name
+    encoder.config._name_or_path = encoder.name_or_path = name
     return encoder
 
 
