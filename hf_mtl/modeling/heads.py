@@ -517,13 +517,6 @@ class MultiLabelHead(TaskHead):
         return out
 
     @classmethod
-    def label_names_from_feature(cls, feature: Any) -> list[str] | None:
-        inner = getattr(feature, "feature", None)  # a list of class ids: the positive labels
-        if getattr(inner, "num_classes", None):
-            return list(inner.names)
-        return None
-
-    @classmethod
     def label_names_from_values(cls, values: Sequence[Any]) -> list[str] | None:
         rows = [row for row in values if row is not None]
         names = [v for row in rows if not isinstance(row, str) for v in row]
