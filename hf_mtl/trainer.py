@@ -327,7 +327,6 @@ class MultiTaskTrainer(Trainer):
             if task_name not in collected:
                 continue
             store = collected[task_name]
-            task = self.tasks[task_name]
             predictions, references = np.asarray(store["predictions"]), np.asarray(store["references"])
             for key, value in score_present_labels(
                 model.heads[task_name], predictions, references, self.task_metric_modules[task_name]
