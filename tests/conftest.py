@@ -13,6 +13,8 @@ import torch
 
 from hf_mtl.data import load_digits, load_fsdd, load_trec
 
+from .hub_cache import offline_hub  # noqa: F401 - the fixture of a real Hugging Face cache, offline
+
 # The tests' models are tiny: one thread per process is as fast as two on an idle machine, and far faster on a
 # busy one (OpenMP threads that wait for a core spin for milliseconds per operation).
 torch.set_num_threads(1)
