@@ -142,7 +142,7 @@ def main() -> None:
             common.quiet(trainer)
             trainer.train()
             result.update(clock.summary(options.warmup))
-            result["uses_jacobian"] = trainer.engine.uses_jacobian
+            result["engine_mode"] = trainer.engine.mode
             if device.type == "cuda":
                 result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             del trainer, model
@@ -161,14 +161,14 @@ def main() -> None:
     reference = next((r for r in results if r["variant"] == "ew" and key in r), None)
     for r in results:
         r["vs_ew"] = r[key] / reference[key] if reference and key in r else None
-    headers = ["method", "wall ms", "CPU ms", f"x ew ({timer})", "Jacobian"]
+    headers = ["method", "wall ms", "CPU ms", f"x ew ({timer})", "engine mode"]
     rows = [
         [
             r["variant"],
             r.get("median_ms", f"failed: {str(r.get('error'))[:50]}"),
             r.get("cpu_median_ms"),
             r["vs_ew"],
-            "yes" if r.get("uses_jacobian") else "no",
+            r.get("engine_mode", "-"),
         ]
         for r in results
     ]

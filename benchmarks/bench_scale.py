@@ -156,7 +156,7 @@ def build(cfg: Config) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
         words = [w for w, c in counts.most_common() if c >= 1]
         with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-        tokenizer = BertTokenizerFast(vocab_file=os.path.join(folder, "vocab.txt"))
+        tokenizer = BertTokenizerFast(vocab=os.path.join(folder, "vocab.txt"))  # not `vocab_file=` (ignored)
         config = BertConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=256,

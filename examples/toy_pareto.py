@@ -8,7 +8,7 @@ Problems (docs/METHODS.md §6.1, §6.2; ``toy_problem.py``):
   (−7.5, −0.5), (9, −1); the Nash-MTL code runs 35k steps, FAMO's 50k.
 
 Every method runs from every init through the public method contract only, as the trainer's
-engine (`hf_mtl/engine.py`) calls it, with x = (x₁, x₂) in the place of the shared parameters:
+engine (`hf_mtl/engine/engine.py`) calls it, with x = (x₁, x₂) in the place of the shared parameters:
 
 1. losses ``L = (f₁, f₂)`` at x; ``T = method.transform_losses(L)`` (IMTL-L, DB-MTL, ...);
 2. the 2 x 2 Jacobian J, rows ``∇_x T_i`` (autograd, all inits of a method in one batch);

@@ -89,7 +89,11 @@ def _parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
             usage=f"hf-mtl {name} [-h] RECIPE [--set KEY=VALUE ...] [--<training argument> VALUE ...]",
         )
-        sub.add_argument("recipe", help="path of the recipe YAML file")
+        sub.add_argument(
+            "recipe",
+            help="the recipe: a YAML file, a folder holding recipe.yaml, or a Hub repository id (ORG/NAME[@REVISION]) "
+            "holding recipe.yaml (read from the Hugging Face cache when offline)",
+        )
         sub.add_argument(
             "--set",
             dest="overrides",
@@ -116,17 +120,18 @@ def _check_output_dir(args: MultiTaskTrainingArguments) -> None:
 
 
 def _majority_baselines(trainer: MultiTaskTrainer) -> dict[str, float]:
-    """Task -> the accuracy of always predicting its most frequent eval label (single-label tasks, map-style data)."""
+    """Task -> the accuracy of always predicting its most frequent eval label (where the task's head kind has
+    such a chance level, `TaskHead.majority_accuracy`; map-style data)."""
     from .data.loader import label_values
-    from .metrics import majority_class_accuracy
 
     baselines = {}
     for group in trainer.eval_groups or []:
         if group.is_iterable:
             continue
         for task in group.tasks:
-            if task.head == "classification":
-                baselines[task.name] = majority_class_accuracy(label_values(group.dataset, task.label_column))
+            value = trainer.model.heads[task.name].majority_accuracy(label_values(group.dataset, task.label_column))
+            if value is not None:
+                baselines[task.name] = value
     return baselines
 
 
@@ -177,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides, training=given)
         training_args = recipes.training_arguments(recipe)
-        _check_output_dir(training_args)
+        if args.command == "train":  # `check` validates the run without writing, so an existing folder is fine
+            _check_output_dir(training_args)
         output_existed = bool(training_args.output_dir) and os.path.exists(training_args.output_dir)
         trainer = recipes.build_trainer(recipe, training_args)
     except ValueError as error:
@@ -190,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"recipe {args.recipe}: {len(trainer.tasks)} tasks ({', '.join(trainer.tasks)}), method {trainer.args.mtl_method}: OK"
         )
+        try:
+            _check_output_dir(training_args)
+        except ValueError as error:
+            print(f"note: `train` would stop here: {error}")
         return 0
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

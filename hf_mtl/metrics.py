@@ -402,11 +402,20 @@ def resolve_metrics(
 # Per-task metrics
 # --------------------------------------------------------------------------------------------------
 
-HEAD_KINDS = ("classification", "multilabel", "regression", "token_classification")
 
-#: Built-in metrics that, on the flattened 0/1 entries of a ``multilabel`` head, report the positive
-#: class (``average="binary"``) unless built with an ``average`` other than the default.
-_POSITIVE_CLASS_METRICS = (F1, Precision, Recall)
+def _head_class(head: Any) -> Any:
+    """The `TaskHead` class of a head kind's name, a head class or a head."""
+    from .modeling.heads import HEADS, TaskHead
+
+    if isinstance(head, str):
+        if head not in HEADS:
+            raise ValueError(f"unknown `head_kind` {head!r}; valid head kinds are: {', '.join(HEADS.names())}")
+        return HEADS.get(head)
+    if isinstance(head, TaskHead):
+        return type(head)
+    if isinstance(head, type) and issubclass(head, TaskHead):
+        return head
+    raise ValueError(f"`head_kind` must be a registered head name or a TaskHead, got {type(head).__name__}")
 
 
 def _to_numpy(array: Any, field: str) -> np.ndarray:
@@ -419,54 +428,6 @@ def _to_numpy(array: Any, field: str) -> np.ndarray:
         return np.asarray(array)
     except ValueError as error:  # ragged nested lists
         raise ValueError(f"`{field}` must be an array-like of one shape: {error}") from error
-
-
-def _shape_error(head_kind: str, predictions: np.ndarray, references: np.ndarray) -> ValueError:
-    return ValueError(
-        f"{head_kind}: `predictions` of shape {predictions.shape} do not match `references` of shape {references.shape}"
-    )
-
-
-def _present_pairs(head_kind: str, predictions: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat (predictions, references) over the present labels of one head kind."""
-    if head_kind in ("classification", "token_classification"):
-        if predictions.ndim == references.ndim + 1:  # logits: take the arg-max class
-            predictions = predictions.argmax(axis=-1)
-        if head_kind == "token_classification" and predictions.ndim == references.ndim == 2:
-            # the head predicts at most as many positions as it reads; batches may be padded to different lengths
-            length = min(predictions.shape[1], references.shape[1])
-            predictions, references = predictions[:, :length], references[:, :length]
-        if predictions.shape != references.shape:
-            raise _shape_error(head_kind, predictions, references)
-        present = references != IGNORE_INDEX
-        return predictions[present].astype(np.int64), references[present].astype(np.int64)
-
-    if head_kind == "multilabel":
-        if predictions.shape != references.shape:
-            raise _shape_error("multilabel", predictions, references)
-        present = references != IGNORE_INDEX
-        if np.issubdtype(references.dtype, np.floating):
-            present &= ~np.isnan(references)
-        predictions, references = predictions[present], references[present]
-        for field, values in (("predictions", predictions), ("references", references)):
-            bad = values[(values != 0) & (values != 1)]
-            if bad.size:
-                raise ValueError(
-                    f"multilabel: `{field}` must be 0 or 1 (references -100 where missing), found {bad[0].item()!r}; "
-                    f"threshold logits first (the head predicts `logits > 0`)"
-                )
-        return predictions.astype(np.int64), references.astype(np.int64)
-
-    if head_kind == "regression":
-        predictions = predictions.astype(np.float64)
-        references = references.astype(np.float64)
-        if predictions.shape != references.shape and predictions.squeeze().shape != references.squeeze().shape:
-            raise _shape_error("regression", predictions, references)
-        predictions, references = predictions.reshape(-1), references.reshape(-1)
-        present = ~np.isnan(references)
-        return predictions[present], references[present]
-
-    raise ValueError(f"unknown `head_kind` {head_kind!r}; valid head kinds are: {', '.join(HEAD_KINDS)}")
 
 
 def _flatten_result(name: str, result: Mapping[str, Any] | None) -> dict[str, float]:
@@ -491,14 +452,16 @@ def _flatten_result(name: str, result: Mapping[str, Any] | None) -> dict[str, fl
 
 
 def compute_task_metrics(
-    head_kind: str,
+    head_kind: Any,
     predictions: Any,
     references: Any,
     metrics: MetricSpec | Sequence[MetricSpec] | Mapping[str, MetricSpec],
 ) -> dict[str, float]:
     """Computes one task's metrics over its present labels.
 
-    What is dropped, per head kind (``hf_mtl/modeling/heads.py``):
+    The head kind decides what is compared (its ``metric_inputs``: the flat pairs over the present
+    labels) and any per-metric ``compute`` arguments (its ``metric_kwargs``), so a head registered by
+    a user is scored the same way. For the built-in kinds (``hf_mtl/modeling/heads.py``):
 
     - ``classification``: references ``-100`` (missing labels). Predictions are class indices, or
       logits of shape ``(N, C)`` (their arg-max is taken).
@@ -521,8 +484,8 @@ def compute_task_metrics(
     present label at all, every metric is reported as NaN.
 
     Args:
-        head_kind (`str`):
-            One of ``classification``, ``multilabel``, ``regression``, ``token_classification``.
+        head_kind (`str`, `TaskHead` or a `TaskHead` class):
+            A registered head kind (`hf_mtl.list_heads()`), or the task's head.
         predictions (`np.ndarray`, `torch.Tensor` or nested lists):
             What the head's ``predictions`` gives (or logits, for the classification kinds).
         references (`np.ndarray`, `torch.Tensor` or nested lists):
@@ -537,21 +500,32 @@ def compute_task_metrics(
         `ValueError`: for an unknown head kind, mismatched shapes, a non-0/1 multilabel entry, an
         unresolvable metric, or two results with the same name.
     """
-    if head_kind not in HEAD_KINDS:
-        raise ValueError(f"unknown `head_kind` {head_kind!r}; valid head kinds are: {', '.join(HEAD_KINDS)}")
-    modules = resolve_metrics(metrics)
-    predictions, references = _present_pairs(
-        head_kind, _to_numpy(predictions, "predictions"), _to_numpy(references, "references")
+    head = _head_class(head_kind)
+    predictions, references = head.metric_inputs(
+        _to_numpy(predictions, "predictions"), _to_numpy(references, "references")
     )
+    return score_present_labels(head, predictions, references, metrics)
+
+
+def score_present_labels(
+    head_kind: Any,
+    predictions: Any,
+    references: Any,
+    metrics: MetricSpec | Sequence[MetricSpec] | Mapping[str, MetricSpec],
+) -> dict[str, float]:
+    """Runs every metric on flat (predictions, references) pairs that hold only present labels (what a
+    head's ``metric_inputs`` returns); `compute_task_metrics` without the flattening. Same arguments and
+    results."""
+    head = _head_class(head_kind)
+    modules = resolve_metrics(metrics)
+    predictions, references = np.asarray(predictions), np.asarray(references)
     if references.size == 0:
-        logger.warning(f"{head_kind} task: no present label in the evaluation data; its metrics are NaN")
+        logger.warning(f"{head.name} task: no present label in the evaluation data; its metrics are NaN")
         return {name: math.nan for name in modules}
 
     results: dict[str, float] = {}
     for name, module in modules.items():
-        compute_kwargs: dict[str, Any] = {}
-        if head_kind == "multilabel" and isinstance(module, _POSITIVE_CLASS_METRICS) and module.average == "macro":
-            compute_kwargs["average"] = "binary"
+        compute_kwargs = head.metric_kwargs(module)
         flat = _flatten_result(name, module.compute(predictions=predictions, references=references, **compute_kwargs))
         clash = sorted(set(flat) & set(results))
         if clash:
@@ -767,6 +741,7 @@ __all__ = [
     "Precision",
     "Recall",
     "compute_task_metrics",
+    "score_present_labels",
     "delta_m",
     "gradient_conflict",
     "gradient_conflict_from_gramian",

@@ -9,14 +9,6 @@ from typing import Any
 
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
-#: The metrics each head kind reports when a task names none.
-DEFAULT_METRICS: dict[str, list[str]] = {
-    "classification": ["accuracy", "f1"],
-    "multilabel": ["accuracy", "f1"],
-    "regression": ["mse", "mae"],
-    "token_classification": ["accuracy"],
-}
-
 
 @dataclass
 class Task:
@@ -31,19 +23,20 @@ class Task:
         head (`str`, *optional*, defaults to `"classification"`):
             Head kind, one of `hf_mtl.list_heads()`: ``classification`` (single label),
             ``multilabel`` (several binary labels, missing ones masked), ``regression``,
-            ``token_classification``.
+            ``token_classification``, or a kind registered with ``@HEADS.register``.
         num_labels (`int`, *optional*):
             Number of classes (classification, token classification), of binary labels
             (multilabel), or of regression targets. Defaults to the length of `label_names` when
-            given, else to 1 for ``regression`` and 2 for the other heads.
+            given, else to the head's ``default_num_labels`` (1 for ``regression``, 2 for the others).
         label_column (`str`, *optional*):
             Dataset column holding this task's labels; defaults to ``name``. Several tasks may read
             different columns of the same dataset (they then share one encoder pass).
         metrics (`list[str]`, *optional*):
             Built-in metric names (``accuracy``, ``f1``, ``mse``, ``mae``) reported at evaluation;
-            defaults depend on the head. A user's `evaluate` module can be passed to the trainer.
+            defaults to the head's ``default_metrics``. A user's `evaluate` module can be passed to the trainer.
         label_names (`list[str]`, *optional*):
-            Class names, saved in the config for inference.
+            Class names in id order (target names for ``regression``), saved in the config for inference
+            (`TaskHead.decode`). Labels given as names (``"LOC"``) are encoded with them.
         head_kwargs (`dict`, *optional*):
             Extra head options, e.g. ``{"pooling": "cls"}`` (default ``"mean"``).
     """
@@ -74,11 +67,18 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: unknown `head` {self.head!r}; valid heads are: {', '.join(HEADS.names())}"
             )
+        head_class = HEADS.get(self.head)
+        if self.label_names is not None:
+            if isinstance(self.label_names, str) or not all(isinstance(n, str) for n in self.label_names):
+                raise ValueError(
+                    f"task {self.name!r}: `label_names` must be a list of strings, got {self.label_names!r}"
+                )
+            self.label_names = list(self.label_names)
+            duplicates = sorted({n for n in self.label_names if self.label_names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"task {self.name!r}: `label_names` lists {duplicates} more than once")
         if self.num_labels is None:
-            if self.label_names is not None:
-                self.num_labels = len(self.label_names)
-            else:
-                self.num_labels = 1 if self.head == "regression" else 2
+            self.num_labels = len(self.label_names) if self.label_names is not None else head_class.default_num_labels
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"task {self.name!r}: `num_labels` must be a positive integer, got {self.num_labels!r}")
         if self.label_column is None:
@@ -86,12 +86,12 @@ class Task:
         if not isinstance(self.label_column, str):
             raise ValueError(f"task {self.name!r}: `label_column` must be a column name, got {self.label_column!r}")
         if self.metrics is None:
-            self.metrics = list(DEFAULT_METRICS[self.head])
+            self.metrics = list(head_class.default_metrics)
         if not isinstance(self.head_kwargs, dict):
             raise ValueError(f"task {self.name!r}: `head_kwargs` must be a dict, got {self.head_kwargs!r}")
         valid = [
             name
-            for name in inspect.signature(HEADS.get(self.head).__init__).parameters
+            for name in inspect.signature(head_class.__init__).parameters
             if name not in ("self", *self._BUILT_BY_MODEL)
         ]
         unknown = sorted(set(self.head_kwargs) - set(valid))

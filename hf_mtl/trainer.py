@@ -33,11 +33,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .data.collators import SpeechCollator, VisionCollator, collator_for
+from .data.collators import collator_for, default_collator
 from .data.loader import TaskGroup, build_dataloader, check_labels, fetch_rows, group_tasks
 from .engine import MultiTaskEngine
 from .methods import get_method
-from .metrics import compute_task_metrics, resolve_metrics
+from .metrics import resolve_metrics, score_present_labels
 from .modeling import MultiTaskModel
 from .sharpness import get_sharpness
 from .training_args import MultiTaskTrainingArguments
@@ -390,13 +390,9 @@ class MultiTaskTrainer(Trainer):
                     store = collected.setdefault(
                         task.name, {"predictions": [], "references": [], "loss": [], "count": []}
                     )
-                    predictions = head.predictions(outputs.logits[task.name].float()).cpu().numpy()
-                    references = labels.cpu().numpy()
-                    if task.head == "token_classification":
-                        length = min(predictions.shape[1], references.shape[1])
-                        predictions, references = predictions[:, :length], references[:, :length]
-                        keep = references != -100
-                        predictions, references = predictions[keep], references[keep]
+                    predictions, references = head.metric_inputs(
+                        head.predictions(outputs.logits[task.name].float()).cpu().numpy(), labels.cpu().numpy()
+                    )
                     store["predictions"].extend(list(predictions))
                     store["references"].extend(list(references))
                     if task.name in outputs.losses:
@@ -423,11 +419,9 @@ class MultiTaskTrainer(Trainer):
             if task_name not in collected:
                 continue
             store = collected[task_name]
-            task = self.tasks[task_name]
             predictions, references = np.asarray(store["predictions"]), np.asarray(store["references"])
-            kind = "classification" if task.head == "token_classification" else task.head
-            for key, value in compute_task_metrics(
-                kind, predictions, references, self.task_metric_modules[task_name]
+            for key, value in score_present_labels(
+                model.heads[task_name], predictions, references, self.task_metric_modules[task_name]
             ).items():
                 metrics[f"{metric_key_prefix}_{task_name}_{key}"] = value
             if store["count"]:
@@ -494,13 +488,5 @@ class MultiTaskTrainer(Trainer):
 
 
 def _default_collator(key: str, encoder: nn.Module) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    """The collator of an encoder that got no processor, from the input it reads (``main_input_name``)."""
-    main_input = getattr(encoder, "main_input_name", None)
-    if main_input == "pixel_values":
-        return VisionCollator()
-    if main_input == "input_values":
-        return SpeechCollator()
-    raise ValueError(
-        f"encoder {key!r} reads `{main_input}`: pass its processor in `processing_class` (e.g. "
-        f"{{{key!r}: tokenizer}}) or a collator in `data_collator`"
-    )
+    """The collator of an encoder that got no processor (`hf_mtl.data.default_collator`)."""
+    return default_collator(encoder)

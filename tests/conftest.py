@@ -13,6 +13,8 @@ import torch
 
 from hf_mtl.data import load_digits, load_fsdd, load_trec
 
+from .hub_cache import offline_hub  # noqa: F401 - the fixture of a real Hugging Face cache, offline
+
 # The tests' models are tiny: one thread per process is as fast as two on an idle machine, and far faster on a
 # busy one (OpenMP threads that wait for a core spin for milliseconds per operation).
 torch.set_num_threads(1)
@@ -66,7 +68,7 @@ def trec_tokenizer(tmp_path_factory, trec_sample):
     words = [word for word, count in counts.most_common() if count >= 2]
     vocab = tmp_path_factory.mktemp("trec_tokenizer") / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(vocab))
+    return BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores `vocab_file=`
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 0, dropout: float = 0.1):

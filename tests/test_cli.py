@@ -171,6 +171,51 @@ def test_check_validates_without_training(tmp_path):
     assert not out.exists()
 
 
+def _run_together(*runs: tuple[str, ...], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Runs several ``hf-mtl`` commands at once (they spend their time importing the stack)."""
+    processes = [
+        subprocess.Popen(
+            [str(HF_MTL), *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in runs
+    ]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+def test_check_accepts_an_existing_output_dir_and_names_undecodable_audio(tmp_path):
+    """`check` validates a run whose output_dir holds a previous run (and says that `train` would stop there), and
+    a corrupt WAV in a data_dir is an error naming the file, or, with `skip_undecodable`, a warning with the count."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("last week's run")
+    fsdd = tmp_path / "fsdd"
+    shutil.copytree(REPO / "hf_mtl" / "data" / "sample" / "fsdd", fsdd)
+    (fsdd / "recordings" / "3_jackson_40.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt not a real header")
+    quick = [str(QUICKSTART), *SHORT, "--set", f"output_dir={out}"]
+    existing, corrupt, skipped = _run_together(
+        ("check", *quick),
+        ("check", *quick, "--set", f"data.fsdd.data_dir={fsdd}"),
+        ("check", *quick, "--set", f"data.fsdd.data_dir={fsdd}", "--set", "data.fsdd.skip_undecodable=true"),
+        cwd=tmp_path,
+    )
+    assert existing.returncode == 0, existing.stderr[-3000:]
+    assert "method pcgrad: OK" in existing.stdout and "`train` would stop here: `output_dir`" in existing.stdout
+    assert os.listdir(out) == ["results.txt"] and (out / "results.txt").read_text() == "last week's run"
+
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr, corrupt.stderr[-3000:]
+    assert re.search(
+        r"data\.fsdd \(loader 'fsdd'\): `data_dir`: FSDD recording .*3_jackson_40\.wav does not decode as audio "
+        r"\(.*\); fix or remove the file, or pass `skip_undecodable=True`",
+        corrupt.stderr,
+    ), corrupt.stderr[-3000:]
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert re.search(r"skipped 1 recording\(s\) that do not decode as audio: 3_jackson_40\.wav", skipped.stderr)
+
+
 # Each bad input: the extra arguments (after the shortened quickstart), and what the error must say. The
 # runs are independent processes, started together (they spend their time importing the stack).
 BAD_INPUTS = {

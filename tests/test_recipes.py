@@ -207,7 +207,7 @@ def test_training_values_are_converted_to_their_field_types():
         (["data.fsdd.loader=fsd"], r"data\.fsdd\.loader must be one of digits, fsdd, load_dataset, trec; got 'fsd'"),
         (
             ["data.fsdd.folder=x"],
-            r"data\.fsdd: unknown key\(s\) \['folder'\]; valid keys are: loader, data_dir, options",
+            r"data\.fsdd: unknown key\(s\) \['folder'\]; valid keys are: loader, path, data_dir, options",
         ),
         (["data.mnist.loader=digits"], r"no data key 'mnist'; data are: fsdd, trec, uci_digits"),
         (["data.fsdd.max_train_samples=0"], r"data\.fsdd\.max_train_samples must be a positive integer or null, got 0"),

@@ -203,7 +203,7 @@ def test_bad_trainer_input_fails_before_training(build, fsdd_sample, trec_sample
         MultiTaskTrainer(train_dataset={**data, "handwritten": wrong}, **common)
     with pytest.raises(ValueError, match="`processing_class`.*unknown encoder.*'audio'"):
         MultiTaskTrainer(train_dataset=data, model=model, args=args, processing_class={"audio": None})
-    with pytest.raises(ValueError, match="encoder 'text' reads `input_ids`.*processing_class"):
+    with pytest.raises(ValueError, match=r"task 'coarse' \(encoder 'text'.*reads `input_ids`.*processing_class"):
         MultiTaskTrainer(train_dataset=data, model=model, args=args)
 
 

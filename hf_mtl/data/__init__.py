@@ -1,7 +1,14 @@
 """Data for multi-task training: built-in real data sets, task samplers, the multi-task loader and the
 per-modality collators (DESIGN.md, step 1)."""
 
-from .collators import SpeechCollator, TextCollator, VisionCollator, collator_for
+from .collators import (
+    EncoderInputsCollator,
+    SpeechCollator,
+    TextCollator,
+    VisionCollator,
+    collator_for,
+    default_collator,
+)
 from .datasets import load_digits, load_fsdd, load_trec
 from .loader import (
     MultiTaskBatchSampler,
@@ -16,10 +23,12 @@ from .loader import (
     group_tasks,
     is_iterable_dataset,
 )
+from .media import check_media, decode_audio, decode_image, decode_media
 from .sampling import SAMPLERS, TaskSampler, get_sampler, list_samplers, step_generator
 
 __all__ = [
     "SAMPLERS",
+    "EncoderInputsCollator",
     "MultiTaskBatchSampler",
     "MultiTaskCollator",
     "MultiTaskDataLoader",
@@ -32,7 +41,12 @@ __all__ = [
     "VisionCollator",
     "build_dataloader",
     "check_labels",
+    "check_media",
     "collator_for",
+    "decode_audio",
+    "decode_image",
+    "decode_media",
+    "default_collator",
     "dataset_size",
     "get_sampler",
     "group_tasks",

@@ -6,9 +6,13 @@
 | `VisionCollator` | an image column (arrays, tensors or PIL images) | ``pixel_values`` (B, C, H, W), or what the image processor returns |
 | `SpeechCollator` | an audio column (waveforms) | ``input_values`` + ``attention_mask``, or the feature extractor's ``input_values`` / ``input_features`` + ``attention_mask`` |
 
+| `EncoderInputsCollator` | rows that already hold the encoder's inputs (``dataset.map(tokenizer)``, pre-computed ``pixel_values`` / ``input_values``) | those inputs padded to the longest row and stacked, as `DataCollatorWithPadding` would, with no processor |
+
 Labels are not the collators' business: `TaskGroup.collate` adds them per task with each head's
 ``collate_labels``. `collator_for` picks the right collator for a tokenizer, an image processor, a
-feature extractor or a multi-modal processor.
+feature extractor or a multi-modal processor; `default_collator` the one of an encoder that got
+none. A collator may have ``check_columns(columns)``: the loader calls it with each data set's columns
+before training and raises the problem it describes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import torch
 
 Rows = Sequence[Mapping[str, Any]]
 
-__all__ = ["SpeechCollator", "TextCollator", "VisionCollator", "collator_for"]
+__all__ = [
+    "EncoderInputsCollator",
+    "SpeechCollator",
+    "TextCollator",
+    "VisionCollator",
+    "collator_for",
+    "default_collator",
+]
 
 _IMAGE_COLUMNS = ("pixel_values", "image", "img")
 
@@ -105,6 +116,17 @@ class TextCollator:
         self.padding = padding
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_token_type_ids = return_token_type_ids
+
+    def check_columns(self, columns: Sequence[str]) -> str | None:
+        """The text column(s) this collator reads that ``columns`` lack, described, or ``None``."""
+        for column, argument in ((self.text_column, "text_column"), (self.text_pair_column, "text_pair_column")):
+            if column is not None and column not in columns:
+                return (
+                    f"TextCollator reads the text column {column!r}, which is missing (columns: {', '.join(columns)}); "
+                    f"set `{argument}` (a recipe's `collator: {{{argument}: ...}}`) or rename the column "
+                    "(a recipe's data `columns: {text: <column>}`)"
+                )
+        return None
 
     def _texts(self, rows: Rows, column: str, argument: str) -> list[str]:
         texts = _column(rows, column, type(self).__name__, argument)
@@ -204,6 +226,16 @@ class VisionCollator:
             if isinstance(mean, (list, tuple)):
                 num_channels = len(mean)
         self.num_channels = num_channels
+
+    def check_columns(self, columns: Sequence[str]) -> str | None:
+        """The image column this collator reads, described when ``columns`` lack it, else ``None``."""
+        wanted = [self.image_column] if self.image_column is not None else list(_IMAGE_COLUMNS)
+        if not any(column in columns for column in wanted):
+            return (
+                f"VisionCollator reads the image column {' or '.join(map(repr, wanted))}, which is missing (columns: "
+                f"{', '.join(columns)}); set `image_column` or rename the column (a recipe's data `columns: {{image: <column>}}`)"
+            )
+        return None
 
     def _images(self, rows: Rows) -> list[Any]:
         column = self.image_column
@@ -339,6 +371,15 @@ class SpeechCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding = padding
 
+    def check_columns(self, columns: Sequence[str]) -> str | None:
+        """The audio column this collator reads, described when ``columns`` lack it, else ``None``."""
+        if self.audio_column not in columns:
+            return (
+                f"SpeechCollator reads the audio column {self.audio_column!r}, which is missing (columns: "
+                f"{', '.join(columns)}); set `audio_column` or rename the column (a recipe's data `columns: {{audio: <column>}}`)"
+            )
+        return None
+
     def _clip(self, value: Any, row: Mapping[str, Any], index: int) -> tuple[np.ndarray, int | None]:
         rate = row.get(self.sampling_rate_column)
         if isinstance(value, Mapping):
@@ -417,6 +458,128 @@ class SpeechCollator:
             input_values[i, : len(clip)] = zero_mean_unit_var(clip) if self.normalize else clip
             attention_mask[i, : len(clip)] = 1
         return {"input_values": torch.from_numpy(input_values), "attention_mask": torch.from_numpy(attention_mask)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows that hold the encoder's inputs already
+# --------------------------------------------------------------------------------------------------
+
+#: Inputs padded with 0 (``input_ids`` take the pad token id; ``attention_mask`` is made where absent).
+_SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "input_values")
+#: The inputs `MultiTaskModel` hands to an encoder.
+_ENCODER_INPUTS = (*_SEQUENCE_INPUTS, "pixel_values", "input_features")
+
+
+class EncoderInputsCollator:
+    """Pads and stacks the encoder inputs that the rows already hold, without a processor.
+
+    For data prepared ahead of time: ``dataset.map(tokenizer)`` gives ``input_ids`` and ``attention_mask``,
+    a feature extractor ``input_values`` or ``input_features``, an image processor ``pixel_values``.
+    Sequences (``input_ids``, ``attention_mask``, ``token_type_ids``, ``input_values``) are padded on the
+    right to the longest row of the batch, ``input_ids`` with `pad_token_id` and the others with 0, as
+    `transformers.DataCollatorWithPadding` pads them; an ``attention_mask`` (1 on the real positions) is
+    made when the rows have none. Fixed-shape inputs (``pixel_values``, ``input_features``) are stacked, as
+    `transformers.default_data_collator` does.
+
+    Args:
+        main_input_name (`str`, *optional*, defaults to `"input_ids"`):
+            The input the encoder reads (``encoder.main_input_name``); rows without it go to `fallback`.
+        pad_token_id (`int`, *optional*, defaults to 0):
+            Padding of ``input_ids`` (the encoder's ``config.pad_token_id``).
+        fallback (`Callable`, *optional*, defaults to `None`):
+            The collator of rows that do not hold `main_input_name` (e.g. a `SpeechCollator` for raw audio).
+
+    Returns (of `__call__`):
+        `dict[str, torch.Tensor]`: the encoder inputs found in the rows, padded or stacked.
+    """
+
+    def __init__(self, main_input_name: str = "input_ids", pad_token_id: int | None = 0, fallback: Any = None) -> None:
+        self.main_input_name = main_input_name
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self.fallback = fallback
+
+    def _missing(self, columns: Sequence[str]) -> str:
+        what = {"input_ids": "tokenize the data first (`dataset.map(tokenizer)`)"}
+        return (
+            f"the encoder reads `{self.main_input_name}`, which the data does not hold (columns: {', '.join(columns)}), "
+            f"and it got no processor: pass its processor in `processing_class`, or a collator in `data_collator`, or "
+            f"{what.get(self.main_input_name, 'prepare the inputs first')}"
+        )
+
+    def check_columns(self, columns: Sequence[str]) -> str | None:
+        """Why rows with ``columns`` cannot be collated, or ``None``."""
+        if self.main_input_name in columns:
+            return None
+        if self.fallback is not None:
+            check = getattr(self.fallback, "check_columns", None)
+            problem = check(columns) if check is not None else None
+            return None if problem is None else f"{problem}; or give the data an `{self.main_input_name}` column"
+        return self._missing(columns)
+
+    def __call__(self, rows: Rows) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("EncoderInputsCollator got no rows to collate")
+        if self.main_input_name not in rows[0]:
+            if self.fallback is not None:
+                return self.fallback(rows)
+            raise ValueError(f"EncoderInputsCollator: {self._missing(sorted(rows[0]))}")
+        names = [name for name in _ENCODER_INPUTS if name in rows[0]]
+        batch: dict[str, torch.Tensor] = {}
+        lengths = None
+        for name in names:
+            values = _column(rows, name, "EncoderInputsCollator", "main_input_name")
+            if name in _SEQUENCE_INPUTS:
+                sequences = [np.asarray(value) for value in values]
+                if any(sequence.ndim != 1 for sequence in sequences):
+                    raise ValueError(f"EncoderInputsCollator: column {name!r} must hold one 1-D sequence per row")
+                length = max(len(sequence) for sequence in sequences)
+                dtype = np.float32 if name == "input_values" else np.int64
+                pad = self.pad_token_id if name == "input_ids" else 0
+                out = np.full((len(sequences), length), pad, dtype=dtype)
+                for i, sequence in enumerate(sequences):
+                    out[i, : len(sequence)] = sequence
+                batch[name] = torch.from_numpy(out)
+                if name == self.main_input_name:
+                    lengths = [len(sequence) for sequence in sequences]
+            else:
+                arrays = [np.asarray(value, dtype=np.float32) for value in values]
+                shapes = sorted({array.shape for array in arrays})
+                if len(shapes) > 1:
+                    raise ValueError(
+                        f"EncoderInputsCollator: column {name!r} holds arrays of different shapes {shapes} in one batch"
+                    )
+                batch[name] = torch.from_numpy(np.stack(arrays))
+        if lengths is not None and "attention_mask" not in batch:
+            mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+            for i, length in enumerate(lengths):
+                mask[i, :length] = 1
+            batch["attention_mask"] = mask
+        return batch
+
+
+def default_collator(encoder: Any, **options: Any) -> Any:
+    """The collator of an encoder that got no processor, from the input it reads (``main_input_name``);
+    ``options`` go to its `VisionCollator` / `SpeechCollator` (``image_column``, ``max_length_seconds``, ...).
+
+    ========================  ==============================================================================
+    the encoder reads         its collator
+    ========================  ==============================================================================
+    ``pixel_values``          `VisionCollator` (images, or pre-computed ``pixel_values``)
+    ``input_values``          `EncoderInputsCollator` (pre-computed ``input_values``), else `SpeechCollator` (audio)
+    anything else             `EncoderInputsCollator` (rows prepared ahead, e.g. by ``dataset.map(tokenizer)``)
+    ========================  ==============================================================================
+    """
+    main_input = getattr(encoder, "main_input_name", None) or "input_ids"
+    if main_input == "pixel_values":
+        return VisionCollator(**options)
+    if main_input == "input_values":
+        return EncoderInputsCollator("input_values", fallback=SpeechCollator(**options))
+    if options:
+        raise TypeError(
+            f"an encoder that reads `{main_input}` and has no processor takes no collator options, got {sorted(options)}"
+        )
+    pad_token_id = getattr(getattr(encoder, "config", None), "pad_token_id", None)
+    return EncoderInputsCollator(main_input, pad_token_id=pad_token_id)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
@@ -63,7 +66,9 @@ def _resample(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return resample_poly(waveform, target_sr // factor, orig_sr // factor).astype(np.float32)
 
 
-def load_fsdd(data_dir: str | os.PathLike | None = None, sampling_rate: int | None = None) -> DatasetDict:
+def load_fsdd(
+    data_dir: str | os.PathLike | None = None, sampling_rate: int | None = None, skip_undecodable: bool = False
+) -> DatasetDict:
     """Loads the Free Spoken Digit Dataset (FSDD) with its official split.
 
     Each row is one recording of a spoken digit, labelled with three tasks on the same audio: the digit,
@@ -86,13 +91,17 @@ def load_fsdd(data_dir: str | os.PathLike | None = None, sampling_rate: int | No
         sampling_rate (`int`, *optional*, defaults to `None`):
             Resample every clip to this rate with `scipy.signal.resample_poly` (polyphase filtering by
             the reduced ratio ``sampling_rate / 8000``). `None` keeps the files' own rate.
+        skip_undecodable (`bool`, *optional*, defaults to `False`):
+            Leave out the recordings that do not decode as audio (a corrupt or truncated file), with a
+            warning that gives their count, instead of raising.
 
     Returns:
         `datasets.DatasetDict`: splits ``"train"`` and ``"test"``.
 
     Raises:
         `ValueError`: if `data_dir` does not hold the data set, a file name or speaker is not
-        recognised, or `sampling_rate` is not a positive integer.
+        recognised, a recording does not decode (unless `skip_undecodable`), or `sampling_rate` is not a
+        positive integer.
     """
     if sampling_rate is not None and (
         isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0
@@ -145,8 +154,18 @@ def load_fsdd(data_dir: str | os.PathLike | None = None, sampling_rate: int | No
         }
     )
     columns: dict[str, dict[str, list]] = {split: {name: [] for name in features} for split in ("train", "test")}
+    undecodable: list[str] = []
     for digit, speaker, index, path in entries:
-        waveform, rate = sf.read(path, dtype="float32", always_2d=False)
+        try:
+            waveform, rate = sf.read(path, dtype="float32", always_2d=False)
+        except (RuntimeError, OSError) as error:  # soundfile.LibsndfileError is a RuntimeError
+            if not skip_undecodable:
+                raise ValueError(
+                    f"`data_dir`: FSDD recording {path} does not decode as audio ({error}); fix or remove the file, or "
+                    "pass `skip_undecodable=True` (a recipe's `skip_undecodable: true`) to leave such files out"
+                ) from error
+            undecodable.append(path.name)
+            continue
         if waveform.ndim != 1:
             raise ValueError(f"`data_dir`: {path} has {waveform.shape[1]} channels, expected mono audio")
         if sampling_rate is not None and sampling_rate != rate:
@@ -159,6 +178,11 @@ def load_fsdd(data_dir: str | os.PathLike | None = None, sampling_rate: int | No
         column["speaker"].append(speakers.index(speaker))
         column["accent"].append(accents.index(accent_of[speaker]))
         column["file"].append(path.name)
+    if undecodable:
+        logger.warning(
+            f"FSDD ({root}): skipped {len(undecodable)} recording(s) that do not decode as audio: "
+            f"{', '.join(undecodable[:5])}{', ...' if len(undecodable) > 5 else ''}"
+        )
     return DatasetDict({split: Dataset.from_dict(column, features=features) for split, column in columns.items()})
 
 

@@ -126,13 +126,17 @@ def group_tasks(
 
     Two tasks share a group when their datasets are one object, or two `datasets.Dataset` with the same
     fingerprint (the same content), and they read the same encoder. A group's batch size is the one its
-    tasks set in `batch_sizes` (they must agree), else `default_batch_size`.
+    tasks set in `batch_sizes` (they must agree), else `default_batch_size`. The ``Audio`` and ``Image``
+    columns of a `datasets` data set are decoded by hf_mtl (`decode_media`: soundfile and PIL, no
+    torchcodec), and a collator with ``check_columns`` is asked whether it can read the data set's columns.
 
     Raises:
         `ValueError`: a task with no dataset or an empty one, a dataset for an unknown task, a missing
-            collator or label collator, a batch size that is not a positive integer, or tasks of one
-            group asking for different batch sizes.
+            collator or label collator, a collator that cannot read the data set's columns, a batch size
+            that is not a positive integer, or tasks of one group asking for different batch sizes.
     """
+    from .media import decode_media
+
     names = [task.name for task in tasks]
     unknown = sorted(set(datasets) - set(names))
     if unknown:
@@ -146,6 +150,7 @@ def group_tasks(
             raise ValueError(f"{where} must be a positive integer, got {size!r}")
     groups: list[TaskGroup] = []
     explicit: dict[int, str] = {}  # group index -> the task that set its batch size
+    decoded: dict[int, Any] = {}  # id(dataset) -> the data set with its media decoded by hf_mtl
     for task in tasks:
         if task.name not in datasets or datasets[task.name] is None:
             raise ValueError(
@@ -167,6 +172,14 @@ def group_tasks(
             )
         if task.name not in label_collators:
             raise ValueError(f"task {task.name!r}: no label collator (the head's `collate_labels`)")
+        if id(dataset) not in decoded:
+            decoded[id(dataset)] = (dataset, decode_media(dataset, f"the `{split}_dataset` of task {task.name!r}"))
+        dataset = decoded[id(dataset)][1]
+        check_columns = getattr(collators[task.encoder], "check_columns", None)
+        columns = _column_names(dataset) if check_columns is not None and not is_iterable_dataset(dataset) else None
+        problem = check_columns(columns) if columns is not None else None
+        if problem:
+            raise ValueError(f"task {task.name!r} (encoder {task.encoder!r}, its `{split}_dataset`): {problem}")
         index = next(
             (i for i, g in enumerate(groups) if g.encoder == task.encoder and _same_data(g.dataset, dataset)), None
         )

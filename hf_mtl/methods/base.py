@@ -3,7 +3,7 @@
 A method is mathematics: it maps the K x P Jacobian of the shared parameters (one row per task,
 ``g_i = ∇_θsh L_i``) to one update vector of shape (P,), or, for loss-weighting methods, maps the K
 per-task losses to one scalar whose single backward gives the update. No model, device, optimizer
-or Trainer appears here; the engine (`hf_mtl/engine.py`) calls these hooks.
+or Trainer appears here; the engine (`hf_mtl/engine/`) calls these hooks.
 
 Hooks, all optional except the one that defines the method:
 

@@ -29,6 +29,13 @@ class MultiTaskConfig(PretrainedConfig):
             encoder (LoRA, IA3, ...). `MultiTaskModel` wraps the rebuilt encoder with ``peft.get_peft_model`` so that
             a saved model with adapters reloads with them. Filled in by `MultiTaskModel.from_encoders` when an
             encoder is a `peft.PeftModel`.
+        encoder_sources (`dict[str, str]`, *optional*):
+            Encoder key -> the name (a Hub model id) or the path (a local folder, or ``pkg://<package>/<folder>``)
+            that encoder's pretrained weights were loaded from. Filled in by `MultiTaskModel.from_encoders` (from the
+            name it was given, or the encoder's ``config._name_or_path``). For an encoder with an adapter
+            (`adapters`) the saved weights leave its frozen base out, as PEFT saves an adapter without its base, and
+            ``from_pretrained`` loads that base from here (offline from the Hugging Face cache with
+            ``HF_HUB_OFFLINE=1``).
         removed_modules (`dict[str, list[str]]`, *optional*):
             Encoder key -> dotted names of the submodules that the encoder's class builds from its config
             but that the given encoder left out (``["pooler"]`` for ``BertModel(config, add_pooling_layer=False)``).
@@ -45,6 +52,7 @@ class MultiTaskConfig(PretrainedConfig):
         head_dropout: float = 0.1,
         removed_modules: dict[str, list[str]] | None = None,
         adapters: dict[str, dict[str, Any]] | None = None,
+        encoder_sources: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.encoders = dict(encoders or {})
@@ -53,6 +61,7 @@ class MultiTaskConfig(PretrainedConfig):
         self.head_dropout = head_dropout
         self.removed_modules = {key: list(names) for key, names in (removed_modules or {}).items()}
         self.adapters = {key: dict(adapter) for key, adapter in (adapters or {}).items()}
+        self.encoder_sources = {key: str(source) for key, source in (encoder_sources or {}).items()}
         super().__init__(**kwargs)
 
     def encoder_config(self, key: str) -> PretrainedConfig:

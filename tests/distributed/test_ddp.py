@@ -90,3 +90,29 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, launcher):
         for key, value in single["metrics"].items():  # evaluation gathers the shards of both ranks
             if key.startswith("eval_"):
                 assert double["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL right after checkpoint-3, then `resume_from_checkpoint`: FAMO (its logits and Adam moments in
+    mtl_state.pt), uniform sampling (the task draws from the seed and the step), dropout on (the Trainer's saved RNG
+    states): the final weights are the uninterrupted run's, bit for bit."""
+    options = "famo,sampling:uniform,dropout:on,save:3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TINY_STEPS": "6"}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run_env([sys.executable, str(SCRIPT), str(whole), "8", f"run={options}"], tmp_path, env)
+    killed = subprocess.run(
+        [sys.executable, str(SCRIPT), str(cut), "8", f"run={options},kill:3"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=900,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (cut / "run" / "checkpoint-3" / "mtl_state.pt").is_file() and not (cut / "run.pt").exists()
+    _run_env([sys.executable, str(SCRIPT), str(cut), "8", f"run={options},resume:yes"], tmp_path, env)
+    a, b = torch.load(whole / "run.pt"), torch.load(cut / "run.pt")
+    for name, value in a["params"].items():
+        assert torch.equal(b["params"][name], value), name
+    assert any(not torch.equal(v, a["initial"][n]) for n, v in a["params"].items())
+
+
+def _run_env(command: list[str], cwd: Path, env: dict[str, str]) -> None:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

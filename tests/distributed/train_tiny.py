@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 2 train_tiny.py OUT PER_DEVICE_BATCH CONFIG [CONFIG ...] # two processes (gloo)
     accelerate launch --config_file CFG train_tiny.py OUT PER_DEVICE_BATCH CONFIG ...
 
-A CONFIG is ``name=method[,key=value...]`` with keys ``sampling``, ``accumulation``, ``sam``, ``evaluate``;
-each run starts from the same weights and saves ``OUT/<name>.pt``. Dropout is off and the optimizer is SGD so
-that runs with the same global batch can be compared parameter by parameter.
+A CONFIG is ``name=method[,key:value...]`` with keys ``sampling``, ``accumulation``, ``sam``, ``evaluate``,
+``dropout`` (``on``: 0.1 everywhere), ``save`` (checkpoint every N steps), ``kill`` (the process kills itself with
+SIGKILL right after saving the checkpoint of that step) and ``resume`` (``yes``: resume from the run's last
+checkpoint); each run starts from the same weights and saves ``OUT/<name>.pt``. Dropout is off by default and the
+optimizer is SGD so that runs with the same global batch can be compared parameter by parameter.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +34,20 @@ def parse(config: str) -> tuple[str, dict[str, str]]:
     return name, {"method": method, **dict(option.split(":", 1) for option in options)}
 
 
+class _KillAfterSave:
+    """Kills the process with SIGKILL once the checkpoint of step ``step`` is on disk (a crash, no clean-up)."""
+
+    def __new__(cls, step: int):  # noqa: ANN204
+        from transformers import TrainerCallback
+
+        class Kill(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+                if state.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return Kill()
+
+
 def main() -> None:
     from transformers import BertTokenizerFast
 
@@ -44,7 +61,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     words = [w for w, c in counts.most_common() if c >= 2]
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores `vocab_file=`
     tasks = [
         Task("digit", encoder="speech", num_labels=10),
         Task("speaker", encoder="speech", num_labels=6),
@@ -54,16 +71,19 @@ def main() -> None:
     ]
     for config in sys.argv[3:]:
         name, options = parse(config)
+        dropout = 0.1 if options.get("dropout") == "on" else 0.0
         encoders = {
-            "speech": tiny_speech_encoder(dropout=0.0),
-            "text": tiny_text_encoder(tokenizer.vocab_size, dropout=0.0),
-            "vision": tiny_vision_encoder(dropout=0.0),
+            "speech": tiny_speech_encoder(dropout=dropout),
+            "text": tiny_text_encoder(tokenizer.vocab_size, dropout=dropout),
+            "vision": tiny_vision_encoder(dropout=dropout),
         }
-        model = no_dropout(MultiTaskModel.from_encoders(encoders, tasks, head_dropout=0.0))
+        model = MultiTaskModel.from_encoders(encoders, tasks, head_dropout=dropout)
+        if not dropout:
+            no_dropout(model)
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         args = MultiTaskTrainingArguments(
             output_dir=str(out / name),
-            overwrite_output_dir=True,
+            overwrite_output_dir=options.get("resume") != "yes",
             mtl_method=options["method"],
             task_sampling=options.get("sampling", "all"),
             gradient_accumulation_steps=int(options.get("accumulation", "1")),
@@ -75,7 +95,8 @@ def main() -> None:
             optim="sgd",
             warmup_steps=0,
             lr_scheduler_type="constant",
-            save_strategy="no",
+            save_strategy="steps" if "save" in options else "no",
+            save_steps=int(options.get("save", "500")),
             report_to=[],
             disable_tqdm=True,
             seed=0,
@@ -96,7 +117,13 @@ def main() -> None:
             processing_class={"text": tokenizer},
             data_collator={"speech": SpeechCollator(max_length_seconds=0.5)},
         )
-        trainer.train()
+        if "kill" in options:
+            trainer.add_callback(_KillAfterSave(int(options["kill"])))
+        if options.get("resume") == "yes":
+            checkpoints = sorted((out / name).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            trainer.train(resume_from_checkpoint=str(checkpoints[-1]))
+        else:
+            trainer.train()
         metrics = trainer.evaluate() if options.get("evaluate") == "yes" else {}
         if trainer.is_world_process_zero():
             torch.save(
