@@ -739,6 +739,23 @@ class MultiTaskEngine:
         all_reduce_sum(sums)
         return sums[self._present_ids]
 
+    def _feature_rows(self, losses: Mapping[str, Tensor], tasks: Sequence[str], zs: Sequence[Tensor]) -> Tensor:
+        """Each task's gradient with respect to the features ``zs`` (flattened, unscaled), one row per task; its
+        head's gradient goes to the plain segment on the way."""
+        rows = []
+        for task in tasks:
+            heads = self.plain_pairs(self.task_head_indices[task])
+            grads = torch.autograd.grad(
+                losses[task] * self.grad_scale, [*zs, *(p for p, _ in heads)], retain_graph=True, allow_unused=True
+            )
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(z)).reshape(-1).float() for g, z in zip(grads, zs)])
+            )
+            present = [(v, g) for (_, v), g in zip(heads, grads[len(zs) :]) if g is not None]
+            if present:
+                torch._foreach_add_([v for v, _ in present], [g.float() for _, g in present])
+        return torch.stack(rows) / self.grad_scale
+
     def _backward_representation(self, model: nn.Module, batch: Mapping[str, Any], outputs: Any) -> None:
         """Representation methods (and the feature-level mode): per-task gradients with respect to the shared
         features, combined per problem, then one backward through the encoders."""
@@ -753,44 +770,44 @@ class MultiTaskEngine:
             keys = [k for k in features if encoder_of_group[k] in problem.encoders]
             if not names or not keys:
                 continue
-            zs = [features[k] for k in keys]
-            rows = []
-            for task in names:
-                heads = self.plain_pairs(self.task_head_indices[task])
-                grads = torch.autograd.grad(
-                    losses[task] * self.grad_scale, zs + [p for p, _ in heads], retain_graph=True, allow_unused=True
-                )
-                rows.append(
-                    torch.cat(
-                        [(g if g is not None else torch.zeros_like(z)).reshape(-1).float() for g, z in zip(grads, zs)]
-                    )
-                )
-                present = [(v, g) for (_, v), g in zip(heads, grads[len(zs) :]) if g is not None]
-                if present:
-                    torch._foreach_add_([v for v, _ in present], [g.float() for _, g in present])
-                handled.add(task)
-            jacobian = torch.stack(rows) / self.grad_scale
             ids = self.task_subset([self.task_ids[t] for t in names])
             generator = step_generator(self.seed, _METHOD_SALT, self.step, self._micro, index)
             method = problem.method
             if isinstance(method, GramianMethod) and type(method).aggregate is GramianMethod.aggregate:
-                # the Gramian of feature gradients is a sum over samples: summed over ranks it is the global one
-                gramian = all_reduce_sum(jacobian @ jacobian.T)
-                weights = method.weights_from_gramian(gramian, task_ids=ids, generator=generator).to(jacobian.dtype)
+                # each task's loss depends on its own sub-batch's features only: the Gramian is block-diagonal over
+                # the sub-batches, and a sum over samples (summed over the ranks it is the global one)
+                blocks = []
+                for key in keys:
+                    tasks = [t for t in names if group_of.get(t) == key]
+                    if tasks:
+                        blocks.append((key, tasks, self._feature_rows(losses, tasks, [features[key]])))
+                gramian = torch.zeros(len(names), len(names), device=self.device)
+                for _, tasks, rows in blocks:
+                    at = [names.index(t) for t in tasks]
+                    gramian[torch.tensor(at)[:, None], torch.tensor(at)[None, :]] = rows @ rows.T
+                gramian = all_reduce_sum(gramian)
+                weights = method.weights_from_gramian(gramian, task_ids=ids, generator=generator).float()
                 method.last_weights = weights.detach()
-                combined = weights @ jacobian
+                for key, tasks, rows in blocks:
+                    z = features[key]
+                    combined = weights[[names.index(t) for t in tasks]] @ rows
+                    part = (combined.view_as(z) * self.grad_scale).to(z.dtype)
+                    grad_features[key] = grad_features[key] + part if key in grad_features else part
             else:
+                zs = [features[k] for k in keys]
+                jacobian = self._feature_rows(losses, names, zs)
                 representation = torch.cat([z.detach().reshape(-1).float() for z in zs])
                 stacked = torch.stack([losses[t].detach() for t in names])
                 combined = method.aggregate(
                     jacobian, losses=stacked, task_ids=ids, generator=generator, representation=representation
                 )
+                offset = 0
+                for key, z in zip(keys, zs):
+                    part = (combined[offset : offset + z.numel()].view_as(z) * self.grad_scale).to(z.dtype)
+                    grad_features[key] = grad_features[key] + part if key in grad_features else part
+                    offset += z.numel()
+            handled.update(names)
             self._record_problem_weights(problem, names, method.last_weights)
-            offset = 0
-            for key, z in zip(keys, zs):
-                part = (combined[offset : offset + z.numel()].view_as(z) * self.grad_scale).to(z.dtype)
-                grad_features[key] = grad_features[key] + part if key in grad_features else part
-                offset += z.numel()
         # tasks outside every problem (alone on their representation) keep their own gradient
         others = [t for t in self.task_names if t in losses and t not in handled]
         if others:
