@@ -240,6 +240,10 @@ class MultiTaskEngine:
         #: task -> (parameter, view) of its rows in each rows-shaped segment, built on demand
         self._row_pairs: dict[tuple[str, str], list[tuple[nn.Parameter, Tensor]]] = {}
         self._pair_cache: dict[Any, list[tuple[nn.Parameter, Tensor]]] = {}
+        #: reduced precision: parameter id -> the view its next gradient goes to (`backward_into`), and the
+        #: parameters whose post-accumulate hook drains them
+        self._grad_sink: dict[int, Tensor] = {}
+        self._draining: set[int] = set()
         #: task -> indices (into `plain_params`) of the parameters outside the rows that its loss reaches
         reached = self.partition.reached
         self.task_plain_indices: dict[str, list[int]] = {
@@ -608,10 +612,19 @@ class MultiTaskEngine:
                 p.grad = view
             torch.autograd.backward(loss, inputs=params, retain_graph=retain_graph)
             return
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        present = [(view, g) for (_, view), g in zip(pairs, grads) if g is not None]
-        if present:
-            torch._foreach_add_([v for v, _ in present], [g.to(v.dtype) for v, g in present])
+        # reduced-precision rows (or parameters): each parameter's gradient is added to its view as soon as
+        # autograd has made it, and freed (no second copy of the task's whole gradient at any time)
+        sink = self._grad_sink
+        for p, view in pairs:
+            sink[id(p)] = view
+            p.grad = None
+            if id(p) not in self._draining:
+                p.register_post_accumulate_grad_hook(_drain_into(sink))
+                self._draining.add(id(p))
+        try:
+            torch.autograd.backward(loss, inputs=params, retain_graph=retain_graph)
+        finally:
+            sink.clear()
 
     def plain_pairs(self, indices: Sequence[int], area: Sequence[Tensor] | None = None) -> list[tuple[nn.Parameter, Tensor]]:
         """``(parameter, view)`` of plain parameters by index, in the plain segment or another area of its layout.
@@ -909,7 +922,7 @@ class MultiTaskEngine:
         anywhere makes it non-finite; no temporary of the buffer's size), one synchronisation."""
         total = self.buffer.flat.sum() + mean_losses.sum()
         if self.row_buffer is not self.buffer:
-            total = total + self.row_buffer.flat.sum(dtype=torch.float32)
+            total = total + self.row_buffer.flat.sum().float()  # no float32 copy of the reduced-precision rows
         if self.sharded is not None:  # this rank's shards: decided on all ranks together
             return self.sharded.all_finite(total)
         return bool(torch.isfinite(total))
@@ -992,8 +1005,11 @@ class MultiTaskEngine:
             self._update_sums.append(update.sum())
             self._auxiliary_backward(problem.method)
             self._record_problem_weights(problem, names, problem.method.last_weights)
-            target = rows_all[0] if self.rows_dtype == torch.float32 else torch.empty(problem.size, device=rows.device)
-            torch.mul(update.float(), self.grad_scale, out=target)
+            if self.rows_dtype == torch.float32:
+                target = rows_all[0]  # the rows are not needed any more: the update takes the first one's place
+                torch.mul(update, self.grad_scale, out=target)
+            else:  # reduced-precision rows: the float32 update of `aggregate` itself becomes the gradient
+                target = update.float().mul_(self.grad_scale)
             for p, view in zip(params, views(target, params)):
                 p.grad = self._as_grad(p, view)
 
@@ -1001,8 +1017,8 @@ class MultiTaskEngine:
         if not self.grad_scale != 1.0:
             return True  # checked once for the whole buffer (or the step is skipped)
         if self.sharded is not None:
-            return self.sharded.all_finite(tensor.sum(dtype=torch.float32))
-        return bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
+            return self.sharded.all_finite(tensor.sum().float())
+        return bool(torch.isfinite(tensor.sum().float()))
 
     def aggregate(
         self,
@@ -1167,3 +1183,13 @@ class MultiTaskEngine:
         return logs
 
 
+def _drain_into(sink: dict[int, Tensor]) -> Any:
+    """A post-accumulate-grad hook: moves a parameter's fresh ``.grad`` into its view in ``sink`` (when it has one)."""
+
+    def drain(param: nn.Parameter) -> None:
+        view = sink.get(id(param))
+        if view is not None and param.grad is not None:
+            view.add_(param.grad)
+            param.grad = None
+
+    return drain
