@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from .trainer import MultiTaskTrainer
 
 _RECIPE_HELP = """\
-A recipe is a YAML file with the sections encoders, trunk, data, tasks and training (see
-hf_mtl/recipes.py and recipes/quickstart.yaml). Override any value with --set, by dotted path:
+A recipe is a YAML file with the sections encoders, trunk, data, tasks, training and (optional)
+callbacks (see hf_mtl/recipes.py and recipes/quickstart.yaml). Override any value with --set, by dotted path:
 
   --set training.max_steps=20           (or simply --set max_steps=20 for a training argument)
   --set data.fsdd.data_dir=../shared/data/fsdd

@@ -149,6 +149,7 @@ def save_encoder_files(
     if sampling_rate is not None and config["options"].get("sampling_rate", 0) is None:
         config["options"]["sampling_rate"] = int(sampling_rate)
     config["processor"] = _processor_kind(processor) if processor is not None else None
+    config["processor_class"] = type(processor).__name__ if processor is not None else None
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, COLLATOR_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -184,12 +185,18 @@ def load_encoder_collator(name_or_path: str, key: str, encoder: Any, **hub_kwarg
         "processor": transformers.AutoProcessor,
     }
     processor = None
-    if kind in loaders:
-        processor = loaders[kind].from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs)
+    # the saved class itself when transformers has it; the Auto classes are given the encoder's config, which a
+    # processors/<key>/ folder does not hold
+    cls = getattr(transformers, str(config.get("processor_class")), None) if config.get("processor_class") else None
+    auto = {"config": getattr(encoder, "config", None)}
+    if cls is not None and hasattr(cls, "from_pretrained"):
+        processor = cls.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs)
+    elif kind in loaders:
+        processor = loaders[kind].from_pretrained(name_or_path, subfolder=subfolder, **auto, **hub_kwargs)
     elif kind == "unknown":  # a folder saved without collator configs: whatever processor is there
         for loader in (transformers.AutoTokenizer, transformers.AutoImageProcessor, transformers.AutoFeatureExtractor):
             try:
-                processor = loader.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs)
+                processor = loader.from_pretrained(name_or_path, subfolder=subfolder, **auto, **hub_kwargs)
                 break
             except (OSError, ValueError, KeyError, TypeError):
                 continue

@@ -177,7 +177,7 @@ class MultiTaskTrainer(Trainer):
                 built[key] = _default_collator(key, model.encoders[key])
         return built
 
-    def _groups(self, datasets: Mapping[str, Any], split: str) -> list[TaskGroup]:
+    def _groups(self, datasets: Mapping[str, Any], split: str, require_labels: bool = True) -> list[TaskGroup]:
         """Groups the tasks by dataset, checked before any step: every task has data, labels are in range."""
         tasks = [self.tasks[name] for name in self.tasks if name in datasets or split == "train"]
         batch_sizes, default = self._train_batch_sizes if split == "train" else ({}, 1)
@@ -190,7 +190,7 @@ class MultiTaskTrainer(Trainer):
             label_collators={name: self._heads[name].collate_labels for name in self.tasks},
             split=split,
         )
-        check_labels(groups, self._heads, split=split)
+        check_labels(groups, self._heads, split=split, require=require_labels)
         return groups
 
     def _build_metrics(self, task_metrics: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, Any]]:
@@ -324,7 +324,7 @@ class MultiTaskTrainer(Trainer):
         ``metric_key_prefix`` (for the tasks that have labels)."""
         if not isinstance(test_dataset, Mapping):
             raise ValueError(f"`test_dataset` must be a dict task -> dataset, got {type(test_dataset).__name__}")
-        groups = self._groups(test_dataset, "eval")
+        groups = self._groups(test_dataset, "test", require_labels=False)
         collected = self._evaluation_pass(groups, keep_logits=True)
         metrics = self._task_metrics({t: c for t, c in collected.items() if c["references"]}, metric_key_prefix)
         predictions, label_ids = {}, {}
