@@ -154,7 +154,7 @@ class MultiTaskPipeline(Pipeline):
     _load_tokenizer = False
 
     def __init__(self, model: Any, *args: Any, collators: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        from .hub import load_encoder_collator
+        from .hub import collator_processor, load_encoder_collator
         from .modeling import MultiTaskModel
 
         if not isinstance(model, MultiTaskModel):
@@ -171,6 +171,8 @@ class MultiTaskPipeline(Pipeline):
         for key, encoder in model.encoders.items():
             if key in given:
                 self.collators[key] = given[key]
+                if (processor := collator_processor(given[key])) is not None:
+                    self.processors[key] = processor
                 continue
             self.collators[key], processor = load_encoder_collator(model.name_or_path, key, encoder)
             if processor is not None:
@@ -380,8 +382,8 @@ class MultiTaskPipeline(Pipeline):
                 tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
                 tokens = tokenizer.convert_ids_to_tokens(entry["input_ids"]) if tokenizer is not None else None
             prediction = _decode_logits(task.head, entry["logits"], task.label_names, top_k, threshold, tokens)
-            if tokens is not None and task.head == "token_classification":
-                special = set(getattr(tokenizer, "all_special_tokens", []))
+            if tokens is not None and task.head == "token_classification":  # the added tokens ([CLS], [SEP]) go
+                special = set(getattr(tokenizer, "all_special_tokens", [])) - {getattr(tokenizer, "unk_token", None)}
                 prediction = [token for token in prediction if token["token"] not in special]
             predictions[name] = prediction
         return predictions

@@ -162,7 +162,8 @@ def tiny_recipe(
                 "intermediate_size": 64,
                 "max_position_embeddings": 64,
             },
-            "processor": {"class": "BertTokenizerFast", "vocab_file": str(vocab)},
+            # `vocab`, not `vocab_file`: transformers 5 ignores `vocab_file` and keeps only the special tokens
+            "processor": {"class": "BertTokenizerFast", "vocab": str(vocab)},
             "collator": {"max_length": 32},
         },
         "vision": {
@@ -206,3 +207,12 @@ def tiny_recipe(
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def word_tokenizer(vocab: Path):  # noqa: ANN201
+    """A BERT tokenizer of ``vocab`` (``BertTokenizerFast(vocab=...)``: transformers 5 ignores ``vocab_file=``)."""
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab=str(vocab))
+    assert tokenizer.vocab_size == len(vocab.read_text(encoding="utf-8").splitlines())
+    return tokenizer

@@ -16,7 +16,13 @@ from hf_mtl.baselines import baseline_delta_m, metric_directions
 from hf_mtl.metrics import load_metric
 
 from .conftest import tiny_text_encoder
-from .fake_hub import tiny_recipe, write_vocab
+from .fake_hub import tiny_recipe, word_tokenizer, write_vocab
+
+
+@pytest.fixture(scope="module")
+def trec_words(tmp_path_factory, trec_sample):
+    """A BERT tokenizer whose vocabulary is the frequent words of the TREC training questions."""
+    return word_tokenizer(write_vocab(tmp_path_factory.mktemp("words"), trec_sample["train"]["text"]))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def test_baseline_then_train_reports_delta_m_of_the_two_result_files(tmp_path, v
 
 
 @pytest.fixture()
-def text_trainer(tmp_path, trec_sample, trec_tokenizer):
+def text_trainer(tmp_path, trec_sample, trec_words):
     def make(baselines: dict | None = None, **overrides):
         path = None
         if baselines is not None:
@@ -95,11 +101,11 @@ def text_trainer(tmp_path, trec_sample, trec_tokenizer):
         options.update(overrides)
         evaluation = trec_sample["test"].select(range(96))
         return MultiTaskTrainer(
-            model=MultiTaskModel.from_encoders({"text": tiny_text_encoder(trec_tokenizer.vocab_size)}, tasks),
+            model=MultiTaskModel.from_encoders({"text": tiny_text_encoder(trec_words.vocab_size)}, tasks),
             args=MultiTaskTrainingArguments(**options),
             train_dataset={"coarse": trec_sample["train"], "fine": trec_sample["train"]},
             eval_dataset={"coarse": evaluation, "fine": evaluation},
-            processing_class={"text": trec_tokenizer},
+            processing_class={"text": trec_words},
         )
 
     return make

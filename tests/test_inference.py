@@ -30,13 +30,20 @@ from hf_mtl import (
 from hf_mtl.data import SpeechCollator, TextCollator
 
 from .conftest import tiny_speech_encoder, tiny_text_encoder, tiny_vision_encoder
+from .fake_hub import word_tokenizer, write_vocab
 
 TASKS = ("digit", "coarse", "handwritten")
 HF_MTL = Path(shutil.which("hf-mtl", path=str(Path(sys.executable).parent)) or "hf-mtl")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, fsdd_sample, trec_sample, uci_digits, trec_tokenizer):
+def trec_words(tmp_path_factory, trec_sample):
+    """A BERT tokenizer whose vocabulary is the frequent words of the TREC training questions."""
+    return word_tokenizer(write_vocab(tmp_path_factory.mktemp("vocab"), trec_sample["train"]["text"]))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fsdd_sample, trec_sample, uci_digits, trec_words):
     """A model trained for 60 steps on three real tasks, evaluated and saved: (trainer, metrics, folder)."""
     folder = tmp_path_factory.mktemp("inference") / "run"
     tasks = [
@@ -46,7 +53,7 @@ def run(tmp_path_factory, fsdd_sample, trec_sample, uci_digits, trec_tokenizer):
     ]
     encoders = {
         "speech": tiny_speech_encoder(),
-        "text": tiny_text_encoder(trec_tokenizer.vocab_size),
+        "text": tiny_text_encoder(trec_words.vocab_size),
         "vision": tiny_vision_encoder(),
     }
     args = MultiTaskTrainingArguments(
@@ -70,10 +77,10 @@ def run(tmp_path_factory, fsdd_sample, trec_sample, uci_digits, trec_tokenizer):
             "handwritten": uci_digits["train"],
         },
         eval_dataset={"digit": fsdd_sample["test"], "coarse": trec_sample["test"], "handwritten": uci_digits["test"]},
-        processing_class={"text": trec_tokenizer},
+        processing_class={"text": trec_words},
         data_collator={
             "speech": SpeechCollator(max_length_seconds=1.0),
-            "text": TextCollator(trec_tokenizer, max_length=24),
+            "text": TextCollator(trec_words, max_length=24),
         },
     )
     trainer.train()
@@ -226,3 +233,49 @@ def test_hf_mtl_predict_from_the_folder_and_by_repo_id_from_a_hub_cache(run, tre
     assert [set(line["predictions"]) for line in lines] == [{"coarse"}] * 3 + [{"handwritten"}]
     assert [line["predictions"]["coarse"]["label"] for line in lines[:3]] == expected
     assert lines[3]["predictions"]["handwritten"]["label"] == digit
+
+
+def test_pipeline_decodes_every_head_kind(tmp_path, trec_words):
+    """Classification, multilabel, regression and token classification heads on one text encoder: the pipeline's
+    labels and scores are the softmax / sigmoid / raw values of the model's logits on the collated input."""
+    tasks = [
+        Task("topic", encoder="text", label_names=["a", "b", "c"]),
+        Task("tags", encoder="text", head="multilabel", label_names=["w", "x", "y", "z"]),
+        Task("rating", encoder="text", head="regression"),
+        Task("ner", encoder="text", head="token_classification", label_names=["O", "PER", "LOC"]),
+    ]
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_encoders({"text": tiny_text_encoder(trec_words.vocab_size)}, tasks)
+    model.save_pretrained(tmp_path / "model")  # no processors saved: the collator is given
+    collator = TextCollator(trec_words)
+    classify = MultiTaskPipeline(
+        model=AutoModel.from_pretrained(tmp_path / "model"), collators={"text": collator}, device="cpu"
+    )
+    text = "Who wrote Hamlet ?"
+    out = classify(text, threshold=0.45)
+    assert set(out) == {"topic", "tags", "rating", "ner"}
+
+    batch = collator([{"text": text}])
+    with torch.no_grad():
+        logits = classify.model({"x": batch}, tasks=[t.name for t in tasks]).logits
+    topic = logits["topic"][0].softmax(-1)
+    assert out["topic"] == {"label": "abc"[int(topic.argmax())], "score": pytest.approx(float(topic.max()))}
+    ranked = classify(text, task="topic", top_k=2)["topic"]
+    assert [entry["label"] for entry in ranked] == ["abc"[i] for i in topic.argsort(descending=True)[:2].tolist()]
+    tags = logits["tags"][0].sigmoid()
+    assert out["tags"]["scores"] == pytest.approx(dict(zip("wxyz", tags.tolist())))
+    assert out["tags"]["labels"] == [name for name, score in zip("wxyz", tags.tolist()) if score > 0.45]
+    assert out["rating"] == {"value": pytest.approx(float(logits["rating"][0, 0]))}
+    tokens = trec_words.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    ner = logits["ner"][0].softmax(-1)
+    expected = [
+        {
+            "index": i,
+            "token": tokens[i],
+            "label": ["O", "PER", "LOC"][int(ner[i].argmax())],
+            "score": pytest.approx(float(ner[i].max())),
+        }
+        for i in range(len(tokens))
+        if tokens[i] not in ("[CLS]", "[SEP]")
+    ]
+    assert out["ner"] == expected and [entry["token"] for entry in out["ner"]] == ["who", "wrote", "[UNK]", "?"]

@@ -12,18 +12,24 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from hf_mtl import MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, Task, cli, recipes
 
 from .conftest import tiny_text_encoder, tiny_vision_encoder
-from .fake_hub import tiny_recipe, write_vocab
+from .fake_hub import tiny_recipe, word_tokenizer, write_vocab
+
+
+@pytest.fixture(scope="module")
+def trec_words(tmp_path_factory, trec_sample):
+    """A BERT tokenizer whose vocabulary is the frequent words of the TREC training questions."""
+    return word_tokenizer(write_vocab(tmp_path_factory.mktemp("words"), trec_sample["train"]["text"]))
 
 
 @pytest.fixture()
-def build(tmp_path, trec_sample, uci_digits, trec_tokenizer):
+def build(tmp_path, trec_sample, uci_digits, trec_words):
     def make(**overrides):
         tasks = [
             Task("coarse", encoder="text", num_labels=6),
             Task("fine", encoder="text", num_labels=50),
             Task("handwritten", encoder="vision", num_labels=10, label_column="label"),
         ]
-        encoders = {"text": tiny_text_encoder(trec_tokenizer.vocab_size), "vision": tiny_vision_encoder()}
+        encoders = {"text": tiny_text_encoder(trec_words.vocab_size), "vision": tiny_vision_encoder()}
         options = dict(
             output_dir=str(tmp_path / "out"),
             max_steps=4,
@@ -47,7 +53,7 @@ def build(tmp_path, trec_sample, uci_digits, trec_tokenizer):
                 "handwritten": uci_digits["train"],
             },
             eval_dataset={"coarse": questions, "fine": questions, "handwritten": uci_digits["test"].select(range(70))},
-            processing_class={"text": trec_tokenizer},
+            processing_class={"text": trec_words},
         )
 
     return make
