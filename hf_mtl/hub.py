@@ -39,6 +39,8 @@ PROCESSORS_DIR = "processors"
 COLLATOR_CONFIG_NAME = "collator_config.json"
 RECIPE_NAME = "recipe.yaml"
 EVAL_RESULTS_NAME = "eval_results.json"
+#: The run folder's copy of its single-task baselines (`hf_mtl.baselines.BASELINES_NAME`).
+BASELINES_COPY = "baselines.json"
 MODEL_CARD_NAME = "README.md"
 PLOTS_DIR = "plots"
 #: What the Trainer's pushes leave out of the uploaded folder (private files and checkpoints).
@@ -228,7 +230,8 @@ def load_encoder_collator(name_or_path: str, key: str, encoder: Any, **hub_kwarg
 
 
 def observed_sampling_rate(collator: Any, dataset: Any) -> int | None:
-    """The sampling rate of the first row of a map-style data set, as a `SpeechCollator` reads it."""
+    """The sampling rate of the first row of a map-style data set, where a `SpeechCollator` reads it: the
+    ``sampling_rate`` of an audio dict (``datasets.Audio``), else the row's `sampling_rate_column`."""
     from .data.collators import SpeechCollator
     from .data.loader import fetch_rows, is_iterable_dataset
 
@@ -236,10 +239,12 @@ def observed_sampling_rate(collator: Any, dataset: Any) -> int | None:
         return None
     try:
         row = fetch_rows(dataset, [0])[0]
-        _, rate = collator._clip(row[collator.audio_column], row, 0)
     except (KeyError, IndexError, ValueError, TypeError):
         return None
-    return rate
+    audio = row.get(collator.audio_column)
+    rate = audio.get("sampling_rate") if isinstance(audio, Mapping) else None
+    rate = rate if rate is not None else row.get(collator.sampling_rate_column)
+    return int(rate) if rate is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- model card
@@ -344,7 +349,7 @@ def build_model_card(
         with open(os.path.join(folder, RECIPE_NAME), encoding="utf-8") as f:
             recipe = yaml.safe_load(f) or {}
     results = _read_json(os.path.join(folder, EVAL_RESULTS_NAME)) or {}
-    baselines_data = _read_json(os.path.join(folder, "baselines.json"))
+    baselines_data = _read_json(os.path.join(folder, BASELINES_COPY))
     baselines = (baselines_data or {}).get("tasks", {})
     if os.path.isfile(os.path.join(folder, MODEL_CARD_NAME)):  # a card rebuilt keeps what the earlier one recorded
         previous = ModelCard.load(os.path.join(folder, MODEL_CARD_NAME)).data.to_dict()
@@ -595,8 +600,17 @@ def write_run_files(
     repo_id: str | None = None,
 ) -> None:
     """Writes the files that make a saved model folder a Hub-ready run: ``recipe.yaml``, ``eval_results.json``,
-    ``baselines.json`` (copied) and, last, the model card that reads them."""
+    ``baselines.json`` (copied) and, last, the model card that reads them.
+
+    One of these files that this run does not have (no recipe, no evaluation of the saved weights, no baselines)
+    but that an earlier run left in the folder is removed, with a warning: it does not describe this model, and
+    the card (or a later push) would present it as if it did."""
     output_dir = str(output_dir)
+    for name, present in ((RECIPE_NAME, recipe), (EVAL_RESULTS_NAME, eval_results), (BASELINES_COPY, baselines)):
+        stale = os.path.join(output_dir, name)
+        if present is None and os.path.isfile(stale):
+            logger.warning(f"removing {stale}: it was left by an earlier run and does not describe the saved model")
+            os.remove(stale)
     if recipe is not None:
         with open(os.path.join(output_dir, RECIPE_NAME), "w", encoding="utf-8") as f:
             f.write(recipe.to_yaml())
@@ -606,7 +620,7 @@ def write_run_files(
     if baselines is not None:
         from .baselines import baselines_file
 
-        source, target = baselines_file(baselines), os.path.join(output_dir, "baselines.json")
+        source, target = baselines_file(baselines), os.path.join(output_dir, BASELINES_COPY)
         if os.path.abspath(source) != os.path.abspath(target):
             shutil.copyfile(source, target)
     write_model_card(output_dir, settings=settings, repo_id=repo_id)

@@ -43,14 +43,11 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .data.collators import SpeechCollator, TextCollator, VisionCollator
-
 logger = logging.get_logger(__name__)
 
 #: The name under which the pipeline is registered with ``transformers.pipeline``.
 PIPELINE_TASK = "multi-task-classification"
 
-_MODALITY = {TextCollator: "text", VisionCollator: "vision", SpeechCollator: "speech"}
 _AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus")
 
 
@@ -58,6 +55,14 @@ def _image_suffixes() -> tuple[str, ...]:
     from PIL import Image
 
     return tuple(sorted(Image.registered_extensions()))
+
+
+def _collator_modality(collator: Any) -> str:
+    """``text``, ``vision`` or ``speech``: what a built-in collator reads (``other`` for any other collator)."""
+    from .data.collators import SpeechCollator, TextCollator, VisionCollator
+
+    kinds = {TextCollator: "text", VisionCollator: "vision", SpeechCollator: "speech"}
+    return next((kind for cls, kind in kinds.items() if isinstance(collator, cls)), "other")
 
 
 def _decode_logits(
@@ -177,7 +182,7 @@ class MultiTaskPipeline(Pipeline):
             self.collators[key], processor = load_encoder_collator(model.name_or_path, key, encoder)
             if processor is not None:
                 self.processors[key] = processor
-        self.modalities = {key: _MODALITY.get(type(collator), "other") for key, collator in self.collators.items()}
+        self.modalities = {key: _collator_modality(collator) for key, collator in self.collators.items()}
         model.eval()
 
     # ------------------------------------------------------------------ parameters

@@ -140,8 +140,10 @@ class MultiTaskTrainer(Trainer):
             )
         #: The recipe the run was built from (`hf_mtl.recipes.build_trainer` sets it); saved as ``recipe.yaml``.
         self.recipe = None
-        #: The metrics of the last `evaluate()` on the full eval sets; saved as ``eval_results.json``.
+        #: The metrics of the last `evaluate()` on the full eval sets; saved as ``eval_results.json`` when they are
+        #: the saved weights' (evaluated at the current step, and no best checkpoint loaded since).
         self.last_eval_metrics: dict[str, float] | None = None
+        self._last_eval_step: int | None = None
         self._saving_checkpoint = False
         self.method = get_method(args.mtl_method, num_tasks=len(self.tasks), **args.mtl_method_kwargs)
         self.sharpness = (
@@ -308,7 +310,7 @@ class MultiTaskTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         if eval_dataset is None and metric_key_prefix == "eval":
-            self.last_eval_metrics = dict(metrics)
+            self.last_eval_metrics, self._last_eval_step = dict(metrics), self.state.global_step
         return metrics
 
     def predict(
@@ -491,11 +493,16 @@ class MultiTaskTrainer(Trainer):
             hub.write_run_files(
                 output_dir,
                 recipe=self.recipe,
-                eval_results=self.last_eval_metrics,
+                eval_results=self.last_eval_metrics if self._last_eval_step == self.state.global_step else None,
                 baselines=self.args.mtl_baselines,
                 settings=hub.training_settings(self.args),
                 repo_id=self.hub_model_id,
             )
+
+    def _load_best_model(self) -> None:
+        """`Trainer._load_best_model`; the last evaluation is then not the loaded weights' any more."""
+        super()._load_best_model()
+        self._last_eval_step = None
 
     def _save_encoder_files(self, output_dir: str) -> None:
         datasets = {}

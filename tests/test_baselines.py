@@ -114,7 +114,11 @@ def text_trainer(tmp_path, trec_sample, trec_words):
 BASELINES = {"coarse": {"accuracy": 0.6, "f1": 0.4}, "fine": {"accuracy": 0.3, "f1": 0.05}}
 
 
-def test_load_best_model_at_end_keeps_the_checkpoint_with_the_lowest_delta_m(text_trainer):
+def test_load_best_model_at_end_keeps_the_checkpoint_with_the_lowest_delta_m(text_trainer, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # files an earlier run left: they do not describe the model this run saves
+    (out / "recipe.yaml").write_text("name: an earlier run\n")
+    (out / "eval_results.json").write_text(json.dumps({"eval_coarse_accuracy": 0.99}))
     trainer = text_trainer(
         BASELINES,
         eval_strategy="steps",
@@ -123,6 +127,7 @@ def test_load_best_model_at_end_keeps_the_checkpoint_with_the_lowest_delta_m(tex
         save_steps=2,
         load_best_model_at_end=True,
         metric_for_best_model="delta_m",
+        overwrite_output_dir=True,
     )
     assert trainer.args.greater_is_better is False  # TrainingArguments alone would say True for a non-"loss" name
     trainer.train()
@@ -133,7 +138,13 @@ def test_load_best_model_at_end_keeps_the_checkpoint_with_the_lowest_delta_m(tex
     best_step, best = min(evaluations, key=lambda item: item[1])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
     assert trainer.state.best_metric == pytest.approx(best)
+    trainer.save_model()  # the best weights were loaded after the last evaluation: no results are claimed for them
+    assert not (out / "eval_results.json").exists() and not (out / "recipe.yaml").exists()
+    assert "No evaluation recorded." in (out / "README.md").read_text()
     assert trainer.evaluate()["eval_delta_m"] == pytest.approx(best, abs=1e-9)  # the best model was reloaded
+    trainer.save_model()
+    assert json.loads((out / "eval_results.json").read_text())["eval_delta_m"] == pytest.approx(best, abs=1e-9)
+    assert f"**Δm = {best:+.2f}%**" in (out / "README.md").read_text()
     for step, value in evaluations:  # every reported Δm is the formula on that evaluation's metrics
         metrics = next(e for e in trainer.state.log_history if e.get("step") == step and "eval_delta_m" in e)
         by_hand = (
