@@ -54,7 +54,9 @@ def test_push_to_hub_uploads_the_complete_run_after_its_results(tmp_path, fake_h
     assert summaries == ["Training in progress, step 2", "Training in progress, step 4", "Model save"], summaries
     assert all(commit.repo_id == "me/tiny-mtl" for commit in fake_hub.commits)
     for commit in fake_hub.commits[:2]:  # pushes during training load too: the processors are there
-        assert {"config.json", "model.safetensors", "processors/text/tokenizer.json", "recipe.yaml"} <= set(commit.files)
+        assert {"config.json", "model.safetensors", "processors/text/tokenizer.json", "recipe.yaml"} <= set(
+            commit.files
+        )
 
     final = fake_hub.commits[-1]
     saved = folder_files(run)
