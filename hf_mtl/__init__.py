@@ -1,7 +1,8 @@
 """hf_mtl: multi-task learning for the Hugging Face ``Trainer``.
 
-The public names are imported lazily, so ``import hf_mtl.methods`` (pure tensor code) does not pull
-in ``transformers``.
+The public names are imported lazily. Importing the package registers the model type with
+``AutoConfig`` / ``AutoModel`` and the ``"multi-task-classification"`` pipeline with ``transformers.pipeline``
+(so ``import hf_mtl`` then ``AutoModel.from_pretrained(run)`` works), which imports ``transformers``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _EXPORTS = {
     "VisionCollator": "hf_mtl.data",
     "SpeechCollator": "hf_mtl.data",
     "delta_m": "hf_mtl.metrics",
+    "MultiTaskPipeline": "hf_mtl.pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -37,3 +39,14 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'hf_mtl' has no attribute {name!r}")
+
+
+def _register_with_transformers() -> None:
+    """``AutoConfig`` / ``AutoModel`` (in `hf_mtl.modeling`) and ``PIPELINE_REGISTRY`` learn the model type."""
+    from . import modeling  # noqa: F401  (registers the Auto classes on import)
+    from .pipeline import register_pipeline
+
+    register_pipeline()
+
+
+_register_with_transformers()

@@ -1,7 +1,10 @@
 """The ``hf-mtl`` command.
 
     hf-mtl train RECIPE.yaml [--set key=value ...]     train, evaluate every task, save the model
+    hf-mtl baseline RECIPE.yaml [--set key=value ...]  train each task alone: the single-task baselines of Δm
     hf-mtl check RECIPE.yaml [--set key=value ...]     validate a recipe and build the run, no training
+    hf-mtl push RUN_DIR REPO_ID                        upload a saved run with its model card to the Hub
+    hf-mtl predict RUN_DIR [--task T] INPUT ...        predict on raw text, image files or audio files
     hf-mtl list                                        methods, samplers, heads, SAM variants, data loaders
 
 ``hf-mtl train --help`` documents the recipe sections and every training argument; each training argument is
@@ -27,8 +30,8 @@ if TYPE_CHECKING:
     from .trainer import MultiTaskTrainer
 
 _RECIPE_HELP = """\
-A recipe is a YAML file with the sections encoders, trunk, data, tasks and training (see
-hf_mtl/recipes.py and recipes/quickstart.yaml). Override any value with --set, by dotted path:
+A recipe is a YAML file with the sections encoders, trunk, data, tasks, training and (optional)
+callbacks (see hf_mtl/recipes.py and recipes/quickstart.yaml). Override any value with --set, by dotted path:
 
   --set training.max_steps=20           (or simply --set max_steps=20 for a training argument)
   --set data.fsdd.data_dir=../shared/data/fsdd
@@ -78,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, summary in (
         ("train", "train, evaluate and save a model from a recipe"),
+        (
+            "baseline",
+            "train each task of a recipe alone (method ew, same encoder, data and budget): the baselines of Δm",
+        ),
         ("check", "validate a recipe and build the run (data, encoders, model), without training"),
     ):
         sub = commands.add_parser(
@@ -102,7 +109,47 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a recipe value by dotted path (repeatable)",
         )
+        if name == "baseline":
+            sub.add_argument(
+                "--baselines_dir",
+                default=None,
+                help="where the baseline runs and baselines.json go (default: <output_dir>-baselines, where "
+                "`hf-mtl train` of the same recipe finds them)",
+            )
+            sub.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks")
         sub.set_defaults(training_fields=_add_training_arguments(sub))
+    push = commands.add_parser(
+        "push",
+        help="upload a saved run (model, processors, recipe, results, model card) to a Hub repository",
+        description="Rebuilds the model card of RUN_DIR from its files (linking plots/*.png when there are any), "
+        "then uploads the folder to REPO_ID (created if missing) with huggingface_hub.",
+    )
+    push.add_argument("run_dir", help="the saved run folder (the output_dir of `hf-mtl train`)")
+    push.add_argument("repo_id", help="the Hub repository, e.g. my-org/my-mtl-model")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token", default=None, help="a Hub token with write access (default: the saved login)")
+    push.add_argument("--revision", default=None, help="the branch to push to (default: main)")
+    push.add_argument("--commit_message", default="Upload hf_mtl run", help="the commit message")
+    push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
+    predict = commands.add_parser(
+        "predict",
+        help="predict with a saved run on raw text, image files or audio files",
+        description="Loads the model and its processors from RUN_DIR (a folder or a Hub repository id) and prints "
+        "one JSON line per input with each task's label names and scores. An input is a text, or the path of an "
+        "image or audio file.",
+    )
+    predict.add_argument("run_dir", help="the saved run folder or Hub repository id")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="texts, image files or audio files")
+    predict.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        help="a task to predict (repeatable; default: every task of the input's modality)",
+    )
+    predict.add_argument("--top_k", type=int, default=1, help="classification labels per task (default: 1)")
+    predict.add_argument("--threshold", type=float, default=None, help="multilabel threshold (default: 0.5)")
+    predict.add_argument("--sampling_rate", type=int, default=None, help="the rate of raw audio inputs")
+    predict.add_argument("--batch_size", type=int, default=1, help="inputs per forward pass (default: 1)")
     commands.add_parser("list", help="list the registered methods, samplers, heads, SAM variants and data loaders")
     return parser
 
@@ -161,8 +208,96 @@ def _metrics_table(
     return "\n".join(lines)
 
 
+def _fill_baselines(recipe: recipes.Recipe) -> str | None:
+    """Sets `mtl_baselines` to the default baselines of the recipe's `output_dir` (``<output_dir>-baselines``)
+    when the recipe names none and `hf-mtl baseline` wrote them there; returns the path used."""
+    from .baselines import baselines_file, default_baselines_dir
+
+    if recipe.training.get("mtl_baselines"):
+        return None
+    path = baselines_file(default_baselines_dir(recipe.training.get("output_dir") or "trainer_output"))
+    if not os.path.isfile(path):
+        return None
+    recipe.training["mtl_baselines"] = path
+    recipe.source.setdefault("training", {})["mtl_baselines"] = path
+    return path
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    try:
+        info = push_run(
+            args.run_dir,
+            args.repo_id,
+            token=args.token,
+            private=args.private or None,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+        )
+    except ValueError as error:
+        print(f"hf-mtl: error: {error}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.run_dir} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from transformers import pipeline
+
+    from .pipeline import PIPELINE_TASK
+
+    call: dict = {"top_k": args.top_k, "batch_size": args.batch_size}
+    if args.task:
+        call["tasks"] = args.task
+    if args.threshold is not None:
+        call["threshold"] = args.threshold
+    if args.sampling_rate is not None:
+        call["sampling_rate"] = args.sampling_rate
+    try:
+        classify = pipeline(PIPELINE_TASK, model=args.run_dir, device="cpu" if not _has_gpu() else None)
+        results = classify(list(args.inputs), **call)
+    except (ValueError, OSError) as error:
+        print(f"hf-mtl: error: {error}", file=sys.stderr)
+        return 2
+    for given, result in zip(args.inputs, results):
+        print(json.dumps({"input": given, "predictions": result}))
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _baseline(args: argparse.Namespace, given: dict) -> int:
+    from .baselines import default_baselines_dir, train_baselines
+
+    try:
+        recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides, training=given)
+        training_args = recipes.training_arguments(recipe)
+        folder = args.baselines_dir or default_baselines_dir(training_args.output_dir)
+        path, results = train_baselines(
+            recipe, output_dir=folder, overwrite=training_args.overwrite_output_dir, tasks=args.tasks
+        )
+    except ValueError as error:
+        print(f"hf-mtl: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        _metrics_table({f"eval_{t}_{m}": v for t, values in results.items() for m, v in values.items()}, list(results))
+    )
+    print(f"baselines saved to {path} (`hf-mtl train` of this recipe reads them and reports eval_delta_m)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "push":
+        return _push(args)
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "list":
         from .data import list_samplers
         from .methods import list_methods
@@ -179,8 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{title}: {', '.join(names)}")
         return 0
     given = {name: getattr(args, name) for name in args.training_fields if hasattr(args, name)}
+    if args.command == "baseline":
+        return _baseline(args, given)
     try:
         recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides, training=given)
+        baselines = _fill_baselines(recipe)
         training_args = recipes.training_arguments(recipe)
         if args.command == "train":  # `check` validates the run without writing, so an existing folder is fine
             _check_output_dir(training_args)
@@ -208,15 +346,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     metrics = trainer.evaluate() if trainer.eval_groups else {}
     output_dir = trainer.args.output_dir
+    # the final save writes the model, processors, recipe.yaml, eval_results.json and the model card, and then (with
+    # `push_to_hub`) uploads that folder
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        with open(os.path.join(output_dir, "recipe.yaml"), "w", encoding="utf-8") as f:
-            f.write(recipe.to_yaml())
-        with open(os.path.join(output_dir, "eval_results.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
         if metrics:
             print(_metrics_table(metrics, list(trainer.tasks), _majority_baselines(trainer)))
-        print(f"model saved to {output_dir} (MultiTaskModel.from_pretrained loads it)")
+        if "eval_delta_m" in metrics:
+            print(
+                f"delta-m against the single-task baselines in {baselines or training_args.mtl_baselines}: "
+                f"{metrics['eval_delta_m']:+.2f}% (lower is better)"
+            )
+        print(
+            f"model saved to {output_dir} (AutoModel.from_pretrained loads it after `import hf_mtl`; "
+            f"`hf-mtl predict {output_dir} ...` predicts)"
+        )
     return 0
 
 

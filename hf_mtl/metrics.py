@@ -101,6 +101,9 @@ class BuiltinMetric(evaluate.Metric):
 
     #: Arrow type of one value; set by subclasses.
     value_type: str = "int64"
+    #: Whether a higher value is better: the direction Δm (`delta_m`) and `metric_for_best_model` read
+    #: (`metric_greater_is_better`). Error metrics set it to `False`.
+    greater_is_better: bool = True
     #: Name of the configuration with one sequence per example.
     sequence_config: str | None = "multilabel"
     reference_url: str = ""
@@ -283,6 +286,7 @@ class Mse(BuiltinMetric):
     """
 
     value_type = "float64"
+    greater_is_better = False
     sequence_config = "multilist"
     reference_url = "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.mean_squared_error.html"
 
@@ -311,6 +315,7 @@ class Mae(BuiltinMetric):
     """
 
     value_type = "float64"
+    greater_is_better = False
     sequence_config = "multilist"
     reference_url = "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.mean_absolute_error.html"
 
@@ -396,6 +401,21 @@ def resolve_metrics(
             )
         resolved[name] = load_metric(spec)
     return resolved
+
+
+def metric_greater_is_better(metric: evaluate.EvaluationModule) -> bool | None:
+    """Whether a higher value of ``metric`` is better, read from the metric itself.
+
+    hf_mtl's built-in metrics carry it as the class attribute ``greater_is_better`` (``True`` for
+    accuracy, F1, precision, recall and the Matthews correlation, ``False`` for the errors ``mse`` and
+    ``mae``). Any other `evaluate.EvaluationModule` is asked for the same attribute, so a user's module
+    states its direction with ``module.greater_is_better = False``.
+
+    Returns:
+        `bool`, or `None` when the module does not say.
+    """
+    value = getattr(metric, "greater_is_better", None)
+    return None if value is None else bool(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -748,5 +768,6 @@ __all__ = [
     "list_metrics",
     "load_metric",
     "majority_class_accuracy",
+    "metric_greater_is_better",
     "resolve_metrics",
 ]

@@ -1,7 +1,7 @@
 """Recipes: one YAML file that names the encoders, the tasks with their data and metrics, and the
 training arguments of a multi-task run (`hf-mtl train RECIPE.yaml`).
 
-A recipe has five sections (``docs/recipes.md`` documents every key)::
+A recipe has these sections (``docs/recipes.md`` documents every key; `callbacks` is optional)::
 
     encoders:                 # encoder key -> how to build it
       text:
@@ -23,6 +23,8 @@ A recipe has five sections (``docs/recipes.md`` documents every key)::
     training:                 # any `MultiTaskTrainingArguments` field
       output_dir: out/run
       mtl_method: pcgrad
+    callbacks:                # optional: `TrainerCallback`s by transformers name or dotted path, with options
+      - {class: EarlyStoppingCallback, early_stopping_patience: 2}
 
 Every section is checked before anything is built: an unknown key, encoder, head, method, sampling
 strategy, data loader or PEFT type raises a `ValueError` that names it and lists the valid values.
@@ -55,7 +57,7 @@ import yaml
 from .registry import Registry
 
 #: The sections of a recipe.
-RECIPE_KEYS = ("name", "description", "encoders", "trunk", "head_dropout", "data", "tasks", "training")
+RECIPE_KEYS = ("name", "description", "encoders", "trunk", "head_dropout", "data", "tasks", "training", "callbacks")
 ENCODER_KEYS = ("config", "pretrained", "processor", "collator", "freeze", "peft")
 DATA_KEYS = (
     "loader",
@@ -238,6 +240,7 @@ class Recipe:
     name: str | None = None
     description: str | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -385,6 +388,7 @@ class Recipe:
             name=data.get("name"),
             description=data.get("description"),
             source=source,
+            callbacks=check_callbacks(data.get("callbacks")),
         )
 
     def to_yaml(self) -> str:
@@ -553,6 +557,96 @@ def resolve_recipe(source: str | os.PathLike) -> Path:
         raise ValueError(
             f"recipe {str(source)!r} is not a local file, nor a readable Hub repository: {error}"
         ) from error
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+def _transformers_callbacks() -> list[str]:
+    """The `TrainerCallback` subclasses that ``transformers`` exports by name (what ``class:`` may name bare)."""
+    import transformers
+
+    names = []
+    for name in dir(transformers):
+        if not name.endswith("Callback"):
+            continue
+        try:
+            value = getattr(transformers, name)
+        except (ImportError, AttributeError):  # optional integrations whose backend is missing
+            continue
+        if isinstance(value, type) and issubclass(value, transformers.TrainerCallback):
+            names.append(name)
+    return sorted(names)
+
+
+def resolve_callback_class(where: str, name: Any) -> type:
+    """The `TrainerCallback` class that a recipe's ``class:`` names: a class exported by ``transformers``
+    (``EarlyStoppingCallback``) or a dotted path ``package.module.Class``."""
+    import transformers
+
+    valid = _transformers_callbacks()
+    hint = f"one of the transformers callbacks ({', '.join(valid)}) or a dotted path package.module.Class"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.class must name a TrainerCallback: {hint}; got {name!r}")
+    if "." in name:
+        module_name, _, attribute = name.rpartition(".")
+        try:
+            value = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"{where}.class: cannot import {name!r} ({error}); expected {hint}") from error
+    else:
+        value = getattr(transformers, name, None) if name in valid else None
+        if value is None:
+            close = difflib.get_close_matches(name, valid, n=3)
+            raise ValueError(
+                f"{where}.class: unknown callback {name!r}; expected {hint}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
+    if not (isinstance(value, type) and issubclass(value, transformers.TrainerCallback)):
+        raise ValueError(f"{where}.class: {name!r} is not a transformers.TrainerCallback subclass; expected {hint}")
+    return value
+
+
+def check_callbacks(callbacks: Any) -> list[dict[str, Any]]:
+    """Validates a recipe's ``callbacks`` section: a list of ``{class: <name>, **options}``, each class resolved
+    (`resolve_callback_class`) and its options bound to the constructor's signature before anything is built."""
+    import inspect
+
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, list):
+        raise ValueError(
+            "recipe: `callbacks` must be a list of {class: <TrainerCallback>, ...options}, e.g. "
+            f"[{{class: EarlyStoppingCallback, early_stopping_patience: 2}}]; got {type(callbacks).__name__}"
+        )
+    checked = []
+    for index, entry in enumerate(callbacks):
+        where = f"callbacks[{index}]"
+        if isinstance(entry, str):
+            entry = {"class": entry}
+        entry = _mapping(where, entry)
+        options = {key: value for key, value in entry.items() if key != "class"}
+        cls = resolve_callback_class(where, entry.get("class"))
+        try:
+            inspect.signature(cls).bind(**options)
+        except TypeError as error:
+            valid = [name for name in inspect.signature(cls).parameters if name not in ("args", "kwargs")]
+            raise ValueError(
+                f"{where} ({entry.get('class')}): {error}; its options are: {', '.join(valid) or 'none'}"
+            ) from error
+        checked.append({"class": entry["class"], **options})
+    return checked
+
+
+def build_callbacks(callbacks: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The `TrainerCallback` instances of a checked ``callbacks`` section."""
+    built = []
+    for index, entry in enumerate(callbacks):
+        options = {key: value for key, value in entry.items() if key != "class"}
+        cls = resolve_callback_class(f"callbacks[{index}]", entry["class"])
+        try:
+            built.append(cls(**options))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"callbacks[{index}] ({entry['class']}): {error}") from error
+    return built
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -916,11 +1010,14 @@ def build_trainer(recipe: Recipe, args: Any | None = None) -> Any:
         if (collator := _build_collator(key, spec, processors.get(key), encoders[key])) is not None
     }
     model = MultiTaskModel.from_encoders(encoders, tasks, trunk=recipe.trunk, head_dropout=recipe.head_dropout)
-    return MultiTaskTrainer(
+    trainer = MultiTaskTrainer(
         model=model,
         args=args,
         train_dataset=train_sets,
         eval_dataset=eval_sets or None,
         processing_class=processors or None,
         data_collator=collators or None,
+        callbacks=build_callbacks(recipe.callbacks) or None,
     )
+    trainer.recipe = recipe  # saved as recipe.yaml beside the model, and read by the model card
+    return trainer

@@ -15,7 +15,12 @@ What it adds to a plain `Trainer`:
   (``mtl_state.pt``) and restored on resume;
 - one optimizer step is one engine window: ``get_batch_samples`` opens it with the step's micro-batches;
 - ``loss/<task>`` and ``weight/<task>`` join the training logs; ``evaluate()`` reports
-  ``eval_<task>_<metric>``, ``eval_<task>_loss`` and ``eval_loss`` (the mean of the task losses).
+  ``eval_<task>_<metric>``, ``eval_<task>_loss`` and ``eval_loss`` (the mean of the task losses), and
+  ``eval_delta_m`` against single-task baselines (``mtl_baselines``), with a progress bar;
+- ``predict()`` returns per-task logits and labels (dicts task -> array);
+- the final save (``save_model``) writes a Hub-ready folder (`hf_mtl.hub`): the model, each encoder's processor
+  and collator options, ``recipe.yaml``, ``eval_results.json``, ``baselines.json`` and the model card, all
+  before ``push_to_hub`` uploads it.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput
 from transformers.utils import logging
 
+from . import hub
+from .baselines import baseline_delta_m, load_baselines, metric_directions
 from .data.collators import collator_for, default_collator
 from .data.loader import TaskGroup, build_dataloader, check_labels, fetch_rows, group_tasks
 from .engine import MultiTaskEngine
@@ -47,7 +54,7 @@ logger = logging.get_logger(__name__)
 #: File, inside each checkpoint folder, that holds the method's state.
 MTL_STATE_NAME = "mtl_state.pt"
 #: Folder, inside a saved model folder, that holds each encoder's processor (``processors/<encoder>``).
-PROCESSORS_DIR = "processors"
+PROCESSORS_DIR = hub.PROCESSORS_DIR
 
 
 class _MultiTaskCallback(TrainerCallback):
@@ -127,6 +134,19 @@ class MultiTaskTrainer(Trainer):
         self.train_groups = self._groups(train_dataset, "train") if train_dataset is not None else None
         self.eval_groups = self._groups(eval_dataset, "eval") if eval_dataset is not None else None
         self.task_metric_modules = self._build_metrics(task_metrics or {})
+        #: The single-task baselines of `args.mtl_baselines` (task -> metric -> value), for ``eval_delta_m``.
+        self.baselines = load_baselines(args.mtl_baselines) if args.mtl_baselines else None
+        if self.baselines is not None and self.eval_groups is not None:  # every evaluated task has one, checked now
+            metric_directions(
+                self.baselines, self.task_metric_modules, [task.name for g in self.eval_groups for task in g.tasks]
+            )
+        #: The recipe the run was built from (`hf_mtl.recipes.build_trainer` sets it); saved as ``recipe.yaml``.
+        self.recipe = None
+        #: The metrics of the last `evaluate()` on the full eval sets; saved as ``eval_results.json`` when they are
+        #: the saved weights' (evaluated at the current step, and no best checkpoint loaded since).
+        self.last_eval_metrics: dict[str, float] | None = None
+        self._last_eval_step: int | None = None
+        self._saving_checkpoint = False
         self.method = get_method(args.mtl_method, num_tasks=len(self.tasks), **args.mtl_method_kwargs)
         self.sharpness = (
             get_sharpness(
@@ -177,7 +197,7 @@ class MultiTaskTrainer(Trainer):
                 built[key] = _default_collator(key, model.encoders[key])
         return built
 
-    def _groups(self, datasets: Mapping[str, Any], split: str) -> list[TaskGroup]:
+    def _groups(self, datasets: Mapping[str, Any], split: str, require_labels: bool = True) -> list[TaskGroup]:
         """Groups the tasks by dataset, checked before any step: every task has data, labels are in range."""
         tasks = [self.tasks[name] for name in self.tasks if name in datasets or split == "train"]
         batch_sizes, default = self._train_batch_sizes if split == "train" else ({}, 1)
@@ -190,7 +210,7 @@ class MultiTaskTrainer(Trainer):
             label_collators={name: self._heads[name].collate_labels for name in self.tasks},
             split=split,
         )
-        check_labels(groups, self._heads, split=split)
+        check_labels(groups, self._heads, split=split, require=require_labels)
         return groups
 
     def _build_metrics(self, task_metrics: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, Any]]:
@@ -364,43 +384,92 @@ class MultiTaskTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Runs every task's eval set and returns ``{prefix}_<task>_<metric>``, ``{prefix}_<task>_loss`` and
-        ``{prefix}_loss`` (the mean of the task losses). Each rank evaluates its shard; results are gathered."""
+        """Runs every task's eval set and returns ``{prefix}_<task>_<metric>``, ``{prefix}_<task>_loss``,
+        ``{prefix}_loss`` (the mean of the task losses) and, with `mtl_baselines`, ``{prefix}_delta_m`` (Δm% against
+        the single-task baselines, `hf_mtl.baselines`; lower is better). Each rank evaluates its shard; results are
+        gathered. A progress bar follows the batches (``disable_tqdm`` turns it off, as for the Trainer's)."""
         groups = self._groups(eval_dataset, "eval") if eval_dataset is not None else self.eval_groups
         if groups is None:
             raise ValueError("evaluation requires an `eval_dataset` (a dict task -> dataset)")
+        collected = self._evaluation_pass(groups, keep_logits=False)
+        metrics = self._task_metrics(collected, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        if eval_dataset is None and metric_key_prefix == "eval":
+            self.last_eval_metrics, self._last_eval_step = dict(metrics), self.state.global_step
+        return metrics
+
+    def predict(
+        self,
+        test_dataset: Mapping[str, Any],
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "test",
+    ) -> PredictionOutput:
+        """Runs every task's data set and returns a `transformers.trainer_utils.PredictionOutput` whose
+        ``predictions`` and ``label_ids`` are dicts task -> array, in the data set's row order: the logits
+        (N, C) (token classification: (N, T, C), padded with -100 to the longest row) and the collated labels
+        (``None`` for a task whose data has no label column), and ``metrics`` as `evaluate` reports them with
+        ``metric_key_prefix`` (for the tasks that have labels)."""
+        if not isinstance(test_dataset, Mapping):
+            raise ValueError(f"`test_dataset` must be a dict task -> dataset, got {type(test_dataset).__name__}")
+        groups = self._groups(test_dataset, "test", require_labels=False)
+        collected = self._evaluation_pass(groups, keep_logits=True)
+        metrics = self._task_metrics({t: c for t, c in collected.items() if c["references"]}, metric_key_prefix)
+        predictions, label_ids = {}, {}
+        for task, store in collected.items():
+            order = np.argsort(np.asarray(store["indices"]), kind="stable")
+            predictions[task] = _stack_padded([store["logits"][i] for i in order])
+            label_ids[task] = _stack_padded([store["labels"][i] for i in order]) if store["labels"] else None
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
+        return PredictionOutput(predictions=predictions, label_ids=label_ids, metrics=metrics)
+
+    def _evaluation_pass(self, groups: Sequence[TaskGroup], keep_logits: bool) -> dict[str, dict[str, list]]:
+        """One no-grad pass over every group's rows (this rank's stride): task -> predictions and references
+        (what the metrics compare: present labels only for token classification), loss sums and counts, and, with
+        ``keep_logits``, each row's logits, labels and index. Gathered over the ranks."""
         from accelerate.utils import gather_object
 
         model = self.model
         was_training = model.training
         model.eval()
+        batch_size = self.args.eval_batch_size
+        plan = [
+            (group, list(range(self.args.process_index, len(group.dataset), self.args.world_size))) for group in groups
+        ]
+        # the Trainer's progress bar (ProgressCallback) counts the batches of `callback_handler.eval_dataloader`
+        self.callback_handler.eval_dataloader = range(sum(math.ceil(len(indices) / batch_size) for _, indices in plan))
         collected: dict[str, dict[str, list]] = {}
-        for group in groups:
-            size = len(group.dataset)
-            indices = list(range(self.args.process_index, size, self.args.world_size))
-            batch_size = self.args.eval_batch_size
+        for group, indices in plan:
             for start in range(0, len(indices), batch_size):
-                rows = fetch_rows(group.dataset, indices[start : start + batch_size])
+                batch_indices = indices[start : start + batch_size]
+                rows = fetch_rows(group.dataset, batch_indices)
                 sub_batch = self._prepare_inputs(group.collate(rows))
                 with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
-                    outputs = model({group.key: sub_batch})
+                    outputs = model({group.key: sub_batch}, tasks=[task.name for task in group.tasks])
                 for task in group.tasks:
-                    labels = sub_batch["labels"][task.name]
+                    store = collected.setdefault(task.name, _empty_store())
                     head = model.heads[task.name]
-                    store = collected.setdefault(
-                        task.name, {"predictions": [], "references": [], "loss": [], "count": []}
-                    )
+                    logits = outputs.logits[task.name].float()
+                    labels = sub_batch["labels"].get(task.name)
+                    if keep_logits:
+                        store["indices"].extend(batch_indices)
+                        store["logits"].extend(list(logits.cpu().numpy()))
+                        if labels is not None:
+                            store["labels"].extend(list(labels.cpu().numpy()))
+                    if labels is None:
+                        continue
                     predictions, references = head.metric_inputs(
-                        head.predictions(outputs.logits[task.name].float()).cpu().numpy(), labels.cpu().numpy()
+                        head.predictions(logits).cpu().numpy(), labels.cpu().numpy()
                     )
                     store["predictions"].extend(list(predictions))
                     store["references"].extend(list(references))
                     if task.name in outputs.losses:
                         store["loss"].append(float(outputs.losses[task.name]) * len(rows))
                         store["count"].append(len(rows))
+                self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
             if self.engine.sharded is not None:
                 # FSDP: each forward all-gathers parameters, so every rank runs as many forwards (results unused)
-                per_rank = math.ceil(math.ceil(size / self.args.world_size) / batch_size)
+                per_rank = math.ceil(math.ceil(len(group.dataset) / self.args.world_size) / batch_size)
                 for _ in range(per_rank - math.ceil(len(indices) / batch_size)):
                     with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
                         model({group.key: self._prepare_inputs(group.collate(fetch_rows(group.dataset, [0])))})
@@ -409,10 +478,16 @@ class MultiTaskTrainer(Trainer):
             merged: dict[str, dict[str, list]] = {}
             for part in gathered:
                 for task, store in part.items():
-                    target = merged.setdefault(task, {"predictions": [], "references": [], "loss": [], "count": []})
+                    target = merged.setdefault(task, _empty_store())
                     for key in target:
                         target[key].extend(store[key])
             collected = merged
+        if was_training:
+            model.train()
+        return collected
+
+    def _task_metrics(self, collected: Mapping[str, Mapping[str, list]], prefix: str) -> dict[str, float]:
+        """``{prefix}_<task>_<metric>``, ``{prefix}_<task>_loss``, ``{prefix}_loss`` and ``{prefix}_delta_m``."""
         metrics: dict[str, float] = {}
         task_losses = []
         for task_name in self.tasks:
@@ -421,19 +496,19 @@ class MultiTaskTrainer(Trainer):
             store = collected[task_name]
             predictions, references = np.asarray(store["predictions"]), np.asarray(store["references"])
             for key, value in score_present_labels(
-                model.heads[task_name], predictions, references, self.task_metric_modules[task_name]
+                self._heads[task_name], predictions, references, self.task_metric_modules[task_name]
             ).items():
-                metrics[f"{metric_key_prefix}_{task_name}_{key}"] = value
+                metrics[f"{prefix}_{task_name}_{key}"] = value
             if store["count"]:
                 task_loss = sum(store["loss"]) / sum(store["count"])
-                metrics[f"{metric_key_prefix}_{task_name}_loss"] = task_loss
+                metrics[f"{prefix}_{task_name}_loss"] = task_loss
                 task_losses.append(task_loss)
         if task_losses:
-            metrics[f"{metric_key_prefix}_loss"] = float(np.mean(task_losses))
-        if was_training:
-            model.train()
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            metrics[f"{prefix}_loss"] = float(np.mean(task_losses))
+        if self.baselines is not None:
+            evaluated = [task for task in self.tasks if task in collected]
+            directions = metric_directions(self.baselines, self.task_metric_modules, evaluated)
+            metrics[f"{prefix}_delta_m"] = baseline_delta_m(metrics, self.baselines, directions, prefix)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -454,7 +529,11 @@ class MultiTaskTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -479,14 +558,94 @@ class MultiTaskTrainer(Trainer):
         self.engine.load_state_dict(state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save`, plus each encoder's processor and collator options (``processors/<encoder>/``); the
+        final save (not a checkpoint) also writes ``recipe.yaml``, ``eval_results.json``, ``baselines.json`` and
+        the model card (`hf_mtl.hub`), so that the folder is complete before `push_to_hub` uploads it."""
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            for key, processor in self.processors.items():
-                if hasattr(processor, "save_pretrained"):
-                    processor.save_pretrained(os.path.join(output_dir, PROCESSORS_DIR, key))
+        if not self.args.should_save:
+            return
+        self._save_encoder_files(output_dir)
+        if not self._saving_checkpoint:
+            hub.write_run_files(
+                output_dir,
+                recipe=self.recipe,
+                eval_results=self.last_eval_metrics if self._last_eval_step == self.state.global_step else None,
+                baselines=self.args.mtl_baselines,
+                settings=hub.training_settings(self.args),
+                repo_id=self.hub_model_id,
+            )
+
+    def _load_best_model(self) -> None:
+        """`Trainer._load_best_model`; the last evaluation is then not the loaded weights' any more."""
+        super()._load_best_model()
+        self._last_eval_step = None
+
+    def _save_encoder_files(self, output_dir: str) -> None:
+        datasets = {}
+        for group in self.train_groups or []:
+            datasets.setdefault(group.encoder, group.dataset)
+        for key, collator in self.collators.items():
+            rate = hub.observed_sampling_rate(collator, datasets.get(key))
+            hub.save_encoder_files(output_dir, key, collator, self.processors.get(key), sampling_rate=rate)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Writes the hf_mtl model card (`hf_mtl.hub.build_model_card`) to ``output_dir/README.md``, which
+        `push_to_hub` then uploads: tasks and their data, encoders, method and SAM settings, per-task metrics,
+        Δm against the baselines, the command that reproduces the run. The arguments are the Trainer's; the
+        ones a multi-task card has no place for (``finetuned_from``, ``tasks``, ``dataset*``) are ignored."""
+        if not self.is_world_process_zero():
+            return
+        hub.write_model_card(
+            self.args.output_dir,
+            repo_id=self.hub_model_id,
+            settings=hub.training_settings(self.args),
+            language=language,
+            license=license,
+            tags=[tags] if isinstance(tags, str) else tags,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """`Trainer._push_from_checkpoint` (``hub_strategy`` pushes during training), with the processors,
+        collator options and recipe copied beside the model files it copies, so that every pushed revision loads."""
+        if self.is_world_process_zero() and self.args.should_save:
+            self._save_encoder_files(self.args.output_dir)
+            if self.recipe is not None:
+                with open(os.path.join(self.args.output_dir, hub.RECIPE_NAME), "w", encoding="utf-8") as f:
+                    f.write(self.recipe.to_yaml())
+        super()._push_from_checkpoint(checkpoint_folder)
 
 
 def _default_collator(key: str, encoder: nn.Module) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """The collator of an encoder that got no processor (`hf_mtl.data.default_collator`)."""
     return default_collator(encoder)
+
+
+def _empty_store() -> dict[str, list]:
+    return {"predictions": [], "references": [], "loss": [], "count": [], "indices": [], "logits": [], "labels": []}
+
+
+def _stack_padded(rows: Sequence[np.ndarray], pad_value: float = -100) -> np.ndarray:
+    """Rows of one shape stacked; rows of different lengths (token classification) padded to the longest
+    with ``pad_value`` first, as the Trainer pads predictions across batches."""
+    if not rows:
+        return np.zeros((0,))
+    shapes = {row.shape for row in rows}
+    if len(shapes) == 1:
+        return np.stack(rows)
+    length = max(row.shape[0] for row in rows)
+    out = np.full((len(rows), length, *rows[0].shape[1:]), pad_value, dtype=np.result_type(*rows))
+    for index, row in enumerate(rows):
+        out[index, : row.shape[0]] = row
+    return out

@@ -102,6 +102,15 @@ class MultiTaskTrainingArguments(TrainingArguments):
             micro-batches are replayed at the perturbed weights), so gradient accumulation equals the large batch and
             two processes equal one ("exact SAM"). `micro_batch`: each micro-batch is perturbed along its own
             gradient on its own rank ("m-sharpness").
+
+        > Single-task baselines and Δm
+
+        mtl_baselines (`str`, *optional*):
+            The single-task baselines of the run: the `baselines.json` that `hf-mtl baseline RECIPE` writes (or its
+            folder, by default `<output_dir>-baselines`; `hf-mtl train` fills this in from there when it exists).
+            `evaluate()` then reports `eval_delta_m`, Δm% against them (Maninis et al., 2019; lower is better,
+            negative beats the baselines), and `metric_for_best_model="delta_m"` selects on it (`greater_is_better`
+            then defaults to `False`).
     """
 
     overwrite_output_dir: bool = field(
@@ -174,6 +183,13 @@ class MultiTaskTrainingArguments(TrainingArguments):
             "choices": ["step", "micro_batch"],
         },
     )
+    mtl_baselines: str | None = field(
+        default=None,
+        metadata={
+            "help": "The single-task baselines (baselines.json of `hf-mtl baseline`, or its folder); evaluate() then "
+            "reports eval_delta_m (lower is better)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.use_cpu and not _has_accelerator():
@@ -182,6 +198,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
             self.use_cpu = True
         self.mtl_method_kwargs = _as_dict("mtl_method_kwargs", self.mtl_method_kwargs)
         self.task_batch_sizes = _as_dict("task_batch_sizes", self.task_batch_sizes)
+        greater_is_better_given = self.greater_is_better is not None
         super().__post_init__()
         methods = list_methods()
         if self.mtl_method not in methods:
@@ -232,6 +249,26 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"`sam_eta` must be >= 0, got {self.sam_eta!r}")
         if self.sam == "asam":
             self.sam_adaptive = True
+        if self.mtl_baselines is not None:
+            from .baselines import load_baselines
+
+            if not isinstance(self.mtl_baselines, str) or not self.mtl_baselines:
+                raise ValueError(f"`mtl_baselines` must be the path of a baselines.json, got {self.mtl_baselines!r}")
+            load_baselines(self.mtl_baselines, field="mtl_baselines")  # a clear error now, not at the first evaluation
+        if self.metric_for_best_model in ("delta_m", "eval_delta_m"):
+            if self.mtl_baselines is None:
+                raise ValueError(
+                    "`metric_for_best_model`='delta_m' needs `mtl_baselines`, the single-task baselines that Δm is "
+                    "measured against: run `hf-mtl baseline RECIPE` first, or pass `mtl_baselines=<baselines.json>`"
+                )
+            # TrainingArguments takes every metric whose name does not end in "loss" as higher-is-better; Δm is lower
+            if not greater_is_better_given:
+                self.greater_is_better = False
+            elif self.greater_is_better:
+                raise ValueError(
+                    "`metric_for_best_model`='delta_m' with `greater_is_better=True` would keep the worst checkpoint: "
+                    "Δm is lower-is-better (negative beats the baselines); leave `greater_is_better` unset"
+                )
 
 
 def _has_accelerator() -> bool:

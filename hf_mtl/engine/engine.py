@@ -435,11 +435,11 @@ class MultiTaskEngine:
         row buffer (``"rows"``, or a sharpness variant's, e.g. F-MTL's flat rows)."""
         key = (task, segment)
         if key not in self._row_pairs:
-            flat = self.row_buffer[segment]
             pairs = []
             for problem in self.problems:
                 if task not in problem.tasks:
                     continue
+                flat = self.row_buffer[segment]
                 row = problem.tasks.index(task)
                 size = problem.size
                 start = problem.row_offset + row * size

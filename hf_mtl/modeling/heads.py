@@ -304,14 +304,14 @@ class ClassificationHead(TaskHead):
         return Counter(present).most_common(1)[0][1] / len(present)
 
     def decode(
-        self, logits: Tensor, label_names: Sequence[str] | None = None, top_k: int = 1, **kwargs: Any
+        self, logits: Tensor, label_names: Sequence[str] | None = None, top_k: int | None = 1, **kwargs: Any
     ) -> list[Any]:
         """Per example ``{"label": name, "score": p}`` for the most probable class (``top_k=1``), or the
-        ``top_k`` most probable as a list of such dicts; ``p`` is the softmax probability. The label is the
-        class id where the task has no ``label_names``."""
+        ``top_k`` most probable as a list of such dicts (every class with ``top_k=None``); ``p`` is the softmax
+        probability. The label is the class id where the task has no ``label_names``."""
         names = label_names if label_names is not None else self.label_names
         scores = _softmax_scores(logits)
-        k = min(int(top_k), scores.shape[-1])
+        k = scores.shape[-1] if top_k is None else min(int(top_k), scores.shape[-1])
         values, indices = scores.topk(k, dim=-1)
         out = []
         for row_values, row_indices in zip(values.tolist(), indices.tolist()):
@@ -519,14 +519,16 @@ class MultiLabelHead(TaskHead):
             return {"average": "binary"}
         return {}
 
-    def decode(self, logits: Tensor, label_names: Sequence[str] | None = None, **kwargs: Any) -> list[Any]:
-        """Per example the list of ``{"label": name, "score": p}`` of its predicted labels (logit > 0, i.e.
-        ``p = sigmoid(logit) > 0.5``), most probable first."""
+    def decode(
+        self, logits: Tensor, label_names: Sequence[str] | None = None, threshold: float = 0.5, **kwargs: Any
+    ) -> list[Any]:
+        """Per example the list of ``{"label": name, "score": p}`` of its predicted labels (``p = sigmoid(logit) >
+        threshold``, 0.5 by default: logit > 0), most probable first."""
         names = label_names if label_names is not None else self.label_names
         scores = logits.detach().float().sigmoid().cpu()
         out = []
         for row in scores.tolist():
-            chosen = sorted(((s, i) for i, s in enumerate(row) if s > 0.5), reverse=True)
+            chosen = sorted(((s, i) for i, s in enumerate(row) if s > threshold), reverse=True)
             out.append([{"label": _label(i, names), "score": s} for s, i in chosen])
         return out
 
