@@ -50,7 +50,7 @@ from transformers.utils import logging
 from .data.loader import fetch_rows
 from .data.sampling import step_generator
 from .engine import ParameterBlock, parameter_blocks
-from .metrics import GradientConflict, gradient_conflict, inter_sample_conflict, inter_task_conflict_per_sample
+from .metrics import GradientConflict, gradient_conflict
 
 if TYPE_CHECKING:
     from .trainer import MultiTaskTrainer
@@ -71,23 +71,27 @@ class ProbeGradients:
 
     Attributes:
         tasks (`list[str]`): the K tasks, in row order.
-        per_sample (`dict[str, torch.Tensor]`): parameter name -> ``(K, n, *shape)``: ``[k, s]`` is the
-            gradient of task k's loss on sample s alone.
-        batch (`dict[str, torch.Tensor]`): parameter name -> ``(K, *shape)``: the gradient of task k's loss
-            on the whole probe (its head's loss of the n rows, as a training step computes it).
+        gradients (`dict[str, torch.Tensor]`): parameter name -> ``(K, n + 1, *shape)``: ``[k, s]`` for
+            ``s < n`` is the gradient of task k's loss on sample s alone; ``[k, n]`` the gradient of task k's
+            loss on the whole probe (its head's loss of the n rows, as a training step computes it).
     """
 
     tasks: list[str]
-    per_sample: dict[str, Tensor]
-    batch: dict[str, Tensor]
+    gradients: dict[str, Tensor]
 
-    def flat(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``(K, n, P)`` per-sample and ``(K, P)`` probe gradients over the parameters ``names``, in that order."""
-        k = len(self.tasks)
-        n = next(iter(self.per_sample.values())).shape[1]
-        per_sample = torch.cat([self.per_sample[name].reshape(k, n, -1) for name in names], dim=2)
-        batch = torch.cat([self.batch[name].reshape(k, -1) for name in names], dim=1)
-        return per_sample, batch
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self.gradients.values())).shape[1] - 1
+
+    def flat(self, names: Sequence[str]) -> Tensor:
+        """``(K, n + 1, P)``: the gradients over the parameters ``names``, flattened in that order."""
+        k, rows = len(self.tasks), self.num_samples + 1
+        return torch.cat([self.gradients[name].reshape(k, rows, -1) for name in names], dim=2)
+
+    def split(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(K, n, P)`` per-sample and ``(K, P)`` whole-probe gradients over the parameters ``names``."""
+        flat = self.flat(names)
+        return flat[:, :-1], flat[:, -1]
 
 
 def _batch_size(sub_batch: Mapping[str, Any], tasks: Sequence[str]) -> int:
@@ -173,29 +177,26 @@ def per_sample_gradients(
                 # operators without a batching rule (CPU attention, weight norm) run in a loop: same numbers
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 (grads,) = vmap(pullback)(cotangents)
-            per_sample, batch = {}, {}
-            for name, param in params:
-                stacked = grads[name].detach().float().reshape(len(tasks), n + 1, *param.shape)
-                per_sample[name], batch[name] = stacked[:, :n].contiguous(), stacked[:, n].contiguous()
-            return ProbeGradients(tasks=tasks, per_sample=per_sample, batch=batch)
+            gradients = {
+                name: grads[name].detach().float().reshape(len(tasks), n + 1, *param.shape) for name, param in params
+            }
+            return ProbeGradients(tasks=tasks, gradients=gradients)
 
         tensors = [param for _, param in params]
-        per_sample = {name: torch.zeros(len(tasks), n, *p.shape, device=p.device) for name, p in params}
-        batch = {name: torch.zeros(len(tasks), *p.shape, device=p.device) for name, p in params}
+        gradients = {name: torch.zeros(len(tasks), n + 1, *p.shape, device=p.device) for name, p in params}
 
-        def fill(target: dict[str, Tensor], index: tuple, output: Any, label_rows: Mapping[str, Tensor]) -> None:
+        def fill(row: int, output: Any, label_rows: Mapping[str, Tensor]) -> None:
             for k, task in enumerate(tasks):
                 loss = heads[task].loss(output.logits[task], label_rows[task])
                 grads = torch.autograd.grad(loss, tensors, retain_graph=k < len(tasks) - 1, allow_unused=True)
                 for name, grad in zip(names, grads):
                     if grad is not None:
-                        target[name][(k, *index)] = grad.detach().float()
+                        gradients[name][k, row] = grad.detach().float()
 
-        fill(batch, (), model({group_key: inputs}, tasks=tasks), labels)
+        fill(n, model({group_key: inputs}, tasks=tasks), labels)
         for s in range(n):
-            one = _select(inputs, s, n)
-            fill(per_sample, (s,), model({group_key: one}, tasks=tasks), _select(labels, s, n))
-        return ProbeGradients(tasks=tasks, per_sample=per_sample, batch=batch)
+            fill(s, model({group_key: _select(inputs, s, n)}, tasks=tasks), _select(labels, s, n))
+        return ProbeGradients(tasks=tasks, gradients=gradients)
 
 
 def _scalars(prefix: str, conflicts: Sequence[GradientConflict]) -> dict[str, float]:
@@ -378,33 +379,38 @@ class GradientDiagnosticsCallback(TrainerCallback):
         for block in self.blocks:
             tasks = chosen[block.tasks]
             names = [name for name, _ in block.params]
-            rows_per_task = {}
-            for task in tasks:
-                probe = probes[groups[task].key]
-                per_sample, batch = probe.flat(names)
-                index = probe.tasks.index(task)
-                rows_per_task[task] = (per_sample[index], batch[index])
-            per_sample = [rows_per_task[t][0] for t in tasks]
+            # one matrix of every gradient of the block, task by task: its n samples, then its whole-probe row;
+            # one Gramian and one sign count over it, and each measure is a sub-matrix (`GradientConflict.select`)
+            parts, spans, start = [], {}, 0
+            for key in dict.fromkeys(groups[t].key for t in tasks):
+                probe = probes[key]
+                flat = probe.flat(names)
+                for task in (t for t in tasks if groups[t].key == key):
+                    parts.append(flat[probe.tasks.index(task)])
+                    spans[task] = (start, parts[-1].shape[0] - 1)
+                    start += parts[-1].shape[0]
+            offsets, sizes = [spans[t][0] for t in tasks], [spans[t][1] for t in tasks]
+            every = gradient_conflict(torch.cat(parts))
             name = "+".join(block.tasks)
-            inter_task = gradient_conflict(torch.stack([rows_per_task[t][1] for t in tasks]))
+            inter_task = every.select([offset + size for offset, size in zip(offsets, sizes)])
             record: dict[str, Any] = {
                 "step": step,
                 "block": name,
                 "tasks": tasks,
                 "num_parameters": block.size,
-                "num_samples": min(p.shape[0] for p in per_sample),
+                "num_samples": min(sizes),
                 "per_sample": self.per_sample,
                 "probe_rows": {groups[t].key: probe_rows[groups[t].key] for t in tasks},
                 "inter_task": inter_task.to_dict(),
             }
             scalars.update(_scalars(f"diagnostics/{name}/", [inter_task]))
             if len({groups[t].key for t in tasks}) == 1:
-                each = inter_task_conflict_per_sample(torch.stack(per_sample))
+                each = [every.select([offset + s for offset in offsets]) for s in range(sizes[0])]
                 record["inter_task_per_sample"] = _stacked(each)
                 scalars.update(_scalars(f"diagnostics/{name}/inter_task_per_sample/", each))
             record["inter_sample"] = {}
-            for task, rows in zip(tasks, per_sample):
-                (within,) = inter_sample_conflict(rows[None])
+            for task, offset, size in zip(tasks, offsets, sizes):
+                within = every.select(range(offset, offset + size))
                 record["inter_sample"][task] = within.to_dict()
                 scalars.update(_scalars(f"diagnostics/{name}/inter_sample/{task}/", [within]))
             records.append(record)

@@ -3,6 +3,7 @@
     hf-mtl train RECIPE.yaml [--set key=value ...]     train, evaluate every task, save the model
     hf-mtl check RECIPE.yaml [--set key=value ...]     validate a recipe and build the run, no training
     hf-mtl list                                        methods, samplers, heads, SAM variants, data loaders
+    hf-mtl report RUN_DIR                              PNG plots of a run into RUN_DIR/plots
 
 ``hf-mtl train --help`` documents the recipe sections and every training argument; each training argument is
 also an option (``--learning_rate 1e-3``) that overrides the recipe. Bad input exits with status 2 and a message
@@ -100,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.set_defaults(training_fields=_add_training_arguments(sub))
     commands.add_parser("list", help="list the registered methods, samplers, heads, SAM variants and data loaders")
+    report = commands.add_parser(
+        "report",
+        help="draw PNG plots of a run (losses, metrics, task weights, gradient conflict) into RUN_DIR/plots",
+        description="Draw PNG plots of a training run from its trainer_state.json and mtl_diagnostics.jsonl "
+        "(hf_mtl/report.py lists them); needs matplotlib: pip install 'hf-mtl[report]'.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a training run")
+    report.add_argument("--output_dir", default=None, help="where the PNG files go (default: RUN_DIR/plots)")
+    report.add_argument(
+        "--heatmap", choices=["mean", "last"], default="mean", help="cosine heatmap of the mean or the last measurement"
+    )
     return parser
 
 
@@ -173,6 +185,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"{title}: {', '.join(names)}")
         return 0
+    if args.command == "report":
+        from .report import make_report
+
+        try:
+            report = make_report(args.run_dir, args.output_dir, heatmap=args.heatmap)
+        except (ValueError, ImportError) as error:
+            print(f"hf-mtl: error: {error}", file=sys.stderr)
+            return 2
+        for path in report.files.values():
+            print(path)
+        for name, reason in report.skipped.items():
+            print(f"({name}: not drawn, {reason})")
+        return 0
     given = {name: getattr(args, name) for name in args.training_fields if hasattr(args, name)}
     try:
         recipe = recipes.Recipe.from_yaml(args.recipe, args.overrides, training=given)
@@ -199,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = trainer.evaluate() if trainer.eval_groups else {}
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
+    trainer.save_state()  # trainer_state.json again, with the final evaluation in its log history
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "recipe.yaml"), "w", encoding="utf-8") as f:
             f.write(recipe.to_yaml())

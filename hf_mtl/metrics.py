@@ -685,6 +685,22 @@ class GradientConflict:
     conflict_fraction: Tensor
     conflicting_parameters: Tensor | None = None
 
+    def select(self, indices: Sequence[int] | Tensor) -> GradientConflict:
+        """The result of the rows ``indices`` alone (their sub-matrices; the conflict fraction of their pairs)."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.cosine.device)
+        cosine = self.cosine[index][:, index]
+        pairs = self.pairs(cosine)
+        fraction = (pairs < 0).double().mean() if pairs.numel() else torch.tensor(math.nan, dtype=torch.float64)
+        return GradientConflict(
+            norms=self.norms[index],
+            cosine=cosine,
+            magnitude_similarity=self.magnitude_similarity[index][:, index],
+            conflict_fraction=fraction.to(cosine.dtype),
+            conflicting_parameters=None
+            if self.conflicting_parameters is None
+            else self.conflicting_parameters[index][:, index],
+        )
+
     def pairs(self, matrix: Tensor) -> Tensor:
         """The entries ``i < j`` of a (K, K) matrix of this result (``cosine``, ...), row-major, as float64."""
         k = matrix.shape[0]
@@ -811,13 +827,12 @@ def conflicting_parameter_ratio(jacobian: Tensor) -> Tensor:
     the fraction of the P coordinates where the two gradients have opposite signs.
 
     ```
-    R(i, j) = #{p : J[i, p] J[j, p] < 0} / P  =  (pos_i·neg_j + neg_i·pos_j) / P,
-    pos = [J > 0],  neg = [J < 0]
+    R(i, j) = #{p : J[i, p] J[j, p] < 0} / P  =  (z_i·z_j - s_i·s_j) / (2P),   s = sign(J),  z = |s|
     ```
 
     A coordinate where either gradient is zero counts as no conflict, so the diagonal is 0 and R is
-    symmetric. The counts are products of 0/1 matrices, computed over chunks of at most 2^20 columns
-    (exact in float32) and summed in float64.
+    symmetric. The counts are products of sign matrices, computed over chunks of at most 2^20 columns
+    (integers, exact in float32) and summed in float64.
 
     Args:
         jacobian (`torch.Tensor` of shape `(K, P)`): one gradient per row.
@@ -830,10 +845,11 @@ def conflicting_parameter_ratio(jacobian: Tensor) -> Tensor:
     k, p = jacobian.shape
     counts = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
     for start in range(0, p, _SIGN_CHUNK):
-        chunk = jacobian[:, start : start + _SIGN_CHUNK]
-        positive, negative = (chunk > 0).float(), (chunk < 0).float()
-        opposite = positive @ negative.T
-        counts += (opposite + opposite.T).double()
+        # with s = sign(J) and z = |s|: z_i·z_j counts the coordinates where both are non-zero and s_i·s_j
+        # the agreeing minus the opposite ones, so the opposite ones are (z_i·z_j - s_i·s_j) / 2
+        signs = torch.sign(jacobian[:, start : start + _SIGN_CHUNK].float())
+        nonzero = signs.abs()
+        counts += ((nonzero @ nonzero.T - signs @ signs.T) / 2).double()
     return counts / p if p else torch.full_like(counts, math.nan)
 
 
@@ -846,11 +862,18 @@ def inter_sample_conflict(per_sample_gradients: Tensor) -> list[GradientConflict
             sample s alone, ``[k, s]``.
 
     Returns:
-        `list[GradientConflict]`: one per task, over its n x n sample pairs.
+        `list[GradientConflict]`: one per task, over its n x n sample pairs (all from one Gramian and one
+        sign count of the K n gradients: `GradientConflict.select`).
     """
+    k, n = _check_per_sample(per_sample_gradients)
+    every = gradient_conflict(per_sample_gradients.reshape(k * n, -1))
+    return [every.select(range(task * n, (task + 1) * n)) for task in range(k)]
+
+
+def _check_per_sample(per_sample_gradients: Tensor) -> tuple[int, int]:
     if per_sample_gradients.ndim != 3:
         raise ValueError(f"`per_sample_gradients` must have shape (K, n, P), got {tuple(per_sample_gradients.shape)}")
-    return [gradient_conflict(task_gradients) for task_gradients in per_sample_gradients]
+    return per_sample_gradients.shape[0], per_sample_gradients.shape[1]
 
 
 def inter_task_conflict_per_sample(per_sample_gradients: Tensor) -> list[GradientConflict]:
@@ -864,9 +887,9 @@ def inter_task_conflict_per_sample(per_sample_gradients: Tensor) -> list[Gradien
     Returns:
         `list[GradientConflict]`: one per sample, over its K x K task pairs.
     """
-    if per_sample_gradients.ndim != 3:
-        raise ValueError(f"`per_sample_gradients` must have shape (K, n, P), got {tuple(per_sample_gradients.shape)}")
-    return [gradient_conflict(per_sample_gradients[:, s]) for s in range(per_sample_gradients.shape[1])]
+    k, n = _check_per_sample(per_sample_gradients)
+    every = gradient_conflict(per_sample_gradients.reshape(k * n, -1))
+    return [every.select(range(sample, k * n, n)) for sample in range(n)]
 
 
 __all__ = [

@@ -134,7 +134,7 @@ def test_per_sample_gradients_equal_one_sample_at_a_time(mode, speech_text_model
         rows = [data[i] for i in (3, 50, 7, 200, 11)]
         params = blocks[tasks].params
         probe = per_sample_gradients(model, key, _collate(rows, collator, tasks), tasks, params, mode=mode)
-        per_sample, batch = probe.flat([name for name, _ in params])
+        per_sample, batch = probe.split([name for name, _ in params])
         expected = _one_at_a_time(model, key, rows, collator, tasks, params)
         scale = expected.abs().max()
         torch.testing.assert_close(per_sample, expected, atol=1e-5 * float(scale), rtol=1e-4)
@@ -293,3 +293,86 @@ def test_the_jsonl_is_strict_json(make_trainer):
         for line in f:
             record = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
             assert all(math.isfinite(x) for row in record["inter_task"]["cosine"] for x in row)
+
+
+# ------------------------------------------------------------------------------- hf-mtl report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return False
+    with Image.open(path) as image:
+        image.verify()
+        return image.format == "PNG"
+
+
+def test_report_plots_what_the_run_logged(make_trainer, fsdd_sample, trec_sample):
+    from hf_mtl.cli import main
+    from hf_mtl.report import PLOT_FILES, make_report
+
+    trainer = make_trainer(mtl_diagnostics_steps=2, mtl_diagnostics_samples=3, max_steps=4, logging_steps=2)
+    trainer.train()
+    trainer.evaluate({"digit": fsdd_sample["test"].select(range(16)), "coarse": trec_sample["test"].select(range(16))})
+    trainer.save_state()
+    run = trainer.args.output_dir
+    report = make_report(run)
+    assert set(report.files) == set(PLOT_FILES) and not report.skipped
+    for name, path in report.files.items():
+        assert path == os.path.join(run, "plots", PLOT_FILES[name]) and _is_png(path)
+    with open(os.path.join(run, "trainer_state.json"), encoding="utf-8") as f:
+        history = json.load(f)["log_history"]
+    train_logs = [e for e in history if "loss" in e]
+    # every plotted value is the logged one, at its step
+    (total, *per_task) = report.series["training_loss"]["loss"]
+    assert total.steps == [e["step"] for e in train_logs] == [2, 4] and total.values == [e["loss"] for e in train_logs]
+    assert [s.label for s in per_task] == ["digit", "speaker", "coarse", "fine"]
+    for series in per_task:
+        assert series.values == [e[f"loss/{series.label}"] for e in train_logs]
+    for series in report.series["task_weights"]["weight"]:
+        assert series.values == [e[f"weight/{series.label}"] for e in train_logs]
+    evaluation = next(e for e in history if "eval_digit_accuracy" in e)
+    accuracy = {s.label: s for s in report.series["eval_metrics"]["accuracy"]}
+    assert set(accuracy) == {"digit", "coarse"} and accuracy["digit"].values == [evaluation["eval_digit_accuracy"]]
+    assert accuracy["coarse"].steps == [4]
+    assert "loss" in report.series["eval_metrics"]  # eval_<task>_loss, its own panel
+    records = read_diagnostics(run)
+    for heatmap in report.heatmaps:
+        mine = [r for r in records if r["block"] == heatmap.block]
+        assert heatmap.steps == [0, 2, 4]
+        expected = sum(r["inter_task"]["cosine"][0][1] for r in mine) / len(mine)
+        assert heatmap.matrix[0][1] == pytest.approx(expected)
+    panel = report.series["conflict"]["digit+speaker/cosine"]
+    by_label = {s.label: s for s in panel}
+    assert set(by_label) == {"inter-task (per sample)", "inter-task (probe batch)", "inter-sample: digit", "inter-sample: speaker"}
+    mine = [r for r in records if r["block"] == "digit+speaker"]
+    digit = torch.tensor([r["inter_sample"]["digit"]["cosine"] for r in mine], dtype=torch.float64)
+    rows, cols = torch.triu_indices(3, 3, offset=1)
+    assert by_label["inter-sample: digit"].values == pytest.approx(digit[:, rows, cols].mean(1).tolist())
+    per_sample = torch.tensor([r["inter_task_per_sample"]["cosine"] for r in mine], dtype=torch.float64)
+    assert by_label["inter-task (per sample)"].values == pytest.approx(per_sample[:, :, 0, 1].mean(1).tolist())
+    assert by_label["inter-task (per sample)"].low == pytest.approx(torch.quantile(per_sample[:, :, 0, 1], 0.25, dim=1).tolist())
+    # the command: same files, into another folder, and a clear error for a folder with no run in it
+    other = os.path.join(os.path.dirname(run), "elsewhere")
+    assert main(["report", run, "--output_dir", other, "--heatmap", "last"]) == 0
+    assert sorted(os.listdir(other)) == sorted(PLOT_FILES.values())
+    empty = os.path.join(os.path.dirname(run), "empty")
+    os.makedirs(empty)
+    assert main(["report", empty]) == 2
+    with pytest.raises(ValueError, match="holds no trainer_state.json"):
+        make_report(empty)
+
+
+def test_report_of_a_run_without_diagnostics_skips_their_plots(make_trainer):
+    from hf_mtl.report import make_report
+
+    trainer = make_trainer(max_steps=2, logging_steps=1, mtl_method="ew")
+    trainer.train()
+    report = make_report(trainer.args.output_dir)
+    assert set(report.files) == {"training_loss", "task_weights"}
+    assert set(report.skipped) == {"eval_metrics", "cosine_heatmap", "conflict"}
+    assert "mtl_diagnostics_steps" in report.skipped["conflict"]
