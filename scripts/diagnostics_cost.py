@@ -2,11 +2,12 @@
 
     python scripts/diagnostics_cost.py recipes/quickstart.yaml --every 10 [--set max_steps=100] [--json out.json]
 
-Trains the recipe twice in this process, off and then on (the same seed, so the same steps), and reports
-the median time of a training step (measured between ``on_step_begin`` and ``on_step_end``, so without the
-measurement itself), the seconds of one measurement (``vmap`` and ``loop``), the whole training time of
-each run, and the overhead per step (the measurement time divided by ``every``). Results go to stdout and,
-with ``--json``, to a file. Both runs see the same machine load only if nothing else runs.
+Trains the recipe in this process with the diagnostics off, on (``vmap``) and on (``loop``), ``--repeats``
+times alternated (the same seed, so the same steps), and reports the medians of: the time of a training
+step (between ``on_step_begin`` and ``on_step_end``, so without the measurement itself), the training time
+per step (measurements included), the seconds of one measurement, and the overhead of the diagnostics on the
+training time. Results go to stdout and, with ``--json``, to a file. The figures are only as steady as the
+machine's load.
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ def _run(recipe_path: str, overrides: list[str], every: int, per_sample: str) ->
     trainer.train()
     total = time.perf_counter() - start
     diagnostics = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradientDiagnosticsCallback)]
-    measurement = [
-        e["diagnostics/seconds"] for e in trainer.state.log_history if "diagnostics/seconds" in e
-    ]
+    measurement = [e["diagnostics/seconds"] for e in trainer.state.log_history if "diagnostics/seconds" in e]
     return {
         "every": every,
         "per_sample": per_sample,
@@ -69,14 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=2, help="off / on / loop runs, alternated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    off = _run(args.recipe, args.overrides, 0, "vmap")
-    on = _run(args.recipe, args.overrides, args.every, "vmap")
-    loop = _run(args.recipe, args.overrides + ["max_steps=20"], args.every, "loop")
-    result = {"recipe": args.recipe, "overrides": args.overrides, "off": off, "on": on, "loop_20_steps": loop}
-    result["overhead_per_step_seconds"] = on["median_measurement_seconds"] / args.every
-    result["overhead_per_step_ratio"] = result["overhead_per_step_seconds"] / off["median_step_seconds"]
+    runs: dict[str, list[dict]] = {"off": [], "on": [], "loop": []}
+    for _ in range(args.repeats):  # alternated, so that a change of the machine's load hits both
+        runs["off"].append(_run(args.recipe, args.overrides, 0, "vmap"))
+        runs["on"].append(_run(args.recipe, args.overrides, args.every, "vmap"))
+        runs["loop"].append(_run(args.recipe, args.overrides, args.every, "loop"))
+
+    def median(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[kind])
+
+    result = {"recipe": args.recipe, "overrides": args.overrides, "every": args.every, "runs": runs}
+    for kind in runs:
+        result[kind] = {
+            "median_step_seconds": median(kind, "median_step_seconds"),
+            "train_seconds_per_step": statistics.median(r["train_seconds"] / r["steps"] for r in runs[kind]),
+            "median_measurement_seconds": median(kind, "median_measurement_seconds"),
+        }
+    result["overhead_per_step_ratio"] = (
+        result["on"]["train_seconds_per_step"] / result["off"]["train_seconds_per_step"] - 1.0
+    )
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

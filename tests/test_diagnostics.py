@@ -151,14 +151,15 @@ def test_per_sample_gradients_equal_one_sample_at_a_time(mode, speech_text_model
 
 @pytest.fixture()
 def make_trainer(tmp_path, fsdd_sample, trec_sample, trec_tokenizer):
-    def make(output="out", **overrides):
+    def make(output="out", speech_encoder=None, **overrides):
         tasks = [
             Task("digit", encoder="speech", num_labels=10),
             Task("speaker", encoder="speech", num_labels=6),
             Task("coarse", encoder="text", num_labels=6),
             Task("fine", encoder="text", num_labels=trec_sample["train"].features["fine"].num_classes),
         ]
-        encoders = {"speech": tiny_speech_encoder(), "text": tiny_text_encoder(trec_tokenizer.vocab_size)}
+        speech = speech_encoder if speech_encoder is not None else tiny_speech_encoder()
+        encoders = {"speech": speech, "text": tiny_text_encoder(trec_tokenizer.vocab_size)}
         model = MultiTaskModel.from_encoders(encoders, tasks)
         options = dict(
             output_dir=str(tmp_path / output),
@@ -253,6 +254,48 @@ def test_logged_measures_equal_gradients_computed_directly(make_trainer, fsdd_sa
         per_sample = inter_task_conflict_per_sample(expected)
         for s, one in enumerate(per_sample):
             assert record["inter_task_per_sample"]["cosine"][s][0][1] == pytest.approx(float(one.cosine[0, 1]), abs=1e-4)
+
+
+class _LegacySquare(torch.autograd.Function):
+    """An autograd.Function in the legacy style (``ctx`` in ``forward``, no ``setup_context``), as custom
+    kernels often are: `torch.func` transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _LegacyActivation(torch.nn.Module):
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return _LegacySquare.apply(x)
+
+
+def test_a_model_torch_func_cannot_transform_falls_back_to_the_loop(make_trainer, fsdd_sample):
+    speech = tiny_speech_encoder()
+    speech.encoder.layers[0].feed_forward.intermediate_act_fn = _LegacyActivation()
+    with pytest.raises(RuntimeError, match="setup_context"):  # what torch.func says of such a model
+        model = MultiTaskModel.from_encoders({"speech": speech}, [Task("digit", encoder="speech", num_labels=10)])
+        batch = _collate([fsdd_sample["train"][0], fsdd_sample["train"][1]], SpeechCollator(max_length_seconds=1.0), ["digit"])
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith("encoders.")]
+        per_sample_gradients(model.eval(), "digit", batch, ["digit"], params, mode="vmap")
+    trainer = make_trainer(speech_encoder=speech, mtl_diagnostics_steps=100, mtl_diagnostics_samples=3, max_steps=1)
+    initial = copy.deepcopy(trainer.model).eval()
+    trainer.train()
+    record = next(r for r in read_diagnostics(trainer.args.output_dir) if r["block"] == "digit+speaker")
+    assert record["per_sample"] == "loop"
+    rows = [fsdd_sample["train"][i] for i in record["probe_rows"]["digit+speaker"]]
+    block = next(b for b in parameter_blocks(initial) if b.tasks == ("digit", "speaker"))
+    expected = _one_at_a_time(initial, "digit+speaker", rows, SpeechCollator(max_length_seconds=1.0), ["digit", "speaker"], block.params)
+    for k, task in enumerate(["digit", "speaker"]):
+        within = gradient_conflict(expected[k])
+        got = torch.tensor(record["inter_sample"][task]["cosine"], dtype=torch.float64)
+        torch.testing.assert_close(got, within.cosine.double(), atol=1e-4, rtol=0)
 
 
 def test_a_resumed_run_keeps_the_records_up_to_its_step(make_trainer, tmp_path):
