@@ -592,7 +592,7 @@ def _conflict_table(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not runs:
         return []
     lines = [
-        f"Gradient conflict in the `ew` runs ({len(runs)} seeds, every 5 steps, 8 probe samples; pairs pooled over the "
+        f"Gradient conflict in the `ew` runs ({len(runs)} seed(s), every 5 steps, 8 probe samples; pairs pooled over the "
         "measurements, mean over seeds): inter-task = two tasks on the same sample, inter-sample = two samples of "
         "the task.\n",
         "| task | cosine inter-task | cosine inter-sample | cos < 0 inter-task | cos < 0 inter-sample | "

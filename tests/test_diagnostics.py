@@ -72,7 +72,9 @@ def test_inter_sample_and_per_sample_inter_task_measures_are_the_pairwise_ones()
                 assert float(within[k].cosine[s, t]) == pytest.approx(cosine, abs=1e-12)
                 mag = 2 * float(a.norm() * b.norm()) / float(a.norm() ** 2 + b.norm() ** 2)
                 assert float(within[k].magnitude_similarity[s, t]) == pytest.approx(mag, abs=1e-12)
-                assert float(within[k].conflicting_parameters[s, t]) == pytest.approx(float((a * b < 0).double().mean()))
+                assert float(within[k].conflicting_parameters[s, t]) == pytest.approx(
+                    float((a * b < 0).double().mean())
+                )
     for s in range(4):
         for i in range(3):
             for j in range(3):
@@ -118,12 +120,16 @@ def _one_at_a_time(model, key, rows, collator, tasks, params):
         output = model({key: _collate([row], collator, tasks)})
         for k, task in enumerate(tasks):
             grads = torch.autograd.grad(output.losses[task], tensors, retain_graph=True, allow_unused=True)
-            out[k, s] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, tensors)])
+            out[k, s] = torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, tensors)]
+            )
     return out
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
-def test_per_sample_gradients_equal_one_sample_at_a_time(mode, speech_text_model, fsdd_sample, trec_sample, trec_tokenizer):
+def test_per_sample_gradients_equal_one_sample_at_a_time(
+    mode, speech_text_model, fsdd_sample, trec_sample, trec_tokenizer
+):
     model = speech_text_model.eval()
     blocks = {block.tasks: block for block in parameter_blocks(model)}
     cases = [
@@ -197,7 +203,11 @@ def test_diagnostics_are_off_by_default_and_do_not_change_training(make_trainer)
     measured.train()
 
     def losses(trainer):
-        return [{k: v for k, v in e.items() if k == "loss" or k.startswith("loss/")} for e in trainer.state.log_history if "loss" in e]
+        return [
+            {k: v for k, v in e.items() if k == "loss" or k.startswith("loss/")}
+            for e in trainer.state.log_history
+            if "loss" in e
+        ]
 
     # the probe runs its own forwards (eval mode), so the run is bit for bit the same, training logs included
     assert losses(plain) == losses(measured) and len(losses(plain)) == 2
@@ -232,12 +242,16 @@ def test_logged_measures_equal_gradients_computed_directly(make_trainer, fsdd_sa
         grads = []
         for task in tasks:
             g = torch.autograd.grad(output.losses[task], params, retain_graph=True, allow_unused=True)
-            grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
+            grads.append(
+                torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+            )
         cosine = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
         assert record["inter_task"]["cosine"][0][1] == pytest.approx(cosine, abs=1e-5)
         assert logged[f"diagnostics/{key}/cosine_mean"] == pytest.approx(cosine, abs=1e-5)
         a, b = grads[0].norm(), grads[1].norm()
-        assert logged[f"diagnostics/{key}/magnitude_similarity_mean"] == pytest.approx(float(2 * a * b / (a**2 + b**2)), abs=1e-5)
+        assert logged[f"diagnostics/{key}/magnitude_similarity_mean"] == pytest.approx(
+            float(2 * a * b / (a**2 + b**2)), abs=1e-5
+        )
         assert record["inter_task"]["norms"] == pytest.approx([float(a), float(b)], rel=1e-4)
         assert logged[f"diagnostics/{key}/conflict_fraction"] == float(cosine < 0)
         # inter-sample: the gradients of each row alone, collated alone
@@ -245,15 +259,24 @@ def test_logged_measures_equal_gradients_computed_directly(make_trainer, fsdd_sa
         for k, task in enumerate(tasks):
             within = gradient_conflict(expected[k])
             got = record["inter_sample"][task]
-            torch.testing.assert_close(torch.tensor(got["cosine"], dtype=torch.float64), within.cosine.double(), atol=1e-4, rtol=0)
             torch.testing.assert_close(
-                torch.tensor(got["magnitude_similarity"], dtype=torch.float64), within.magnitude_similarity.double(), atol=1e-4, rtol=0
+                torch.tensor(got["cosine"], dtype=torch.float64), within.cosine.double(), atol=1e-4, rtol=0
+            )
+            torch.testing.assert_close(
+                torch.tensor(got["magnitude_similarity"], dtype=torch.float64),
+                within.magnitude_similarity.double(),
+                atol=1e-4,
+                rtol=0,
             )
             pairs = within.pairs(within.cosine)
-            assert logged[f"diagnostics/{key}/inter_sample/{task}/cosine_mean"] == pytest.approx(float(pairs.mean()), abs=1e-4)
+            assert logged[f"diagnostics/{key}/inter_sample/{task}/cosine_mean"] == pytest.approx(
+                float(pairs.mean()), abs=1e-4
+            )
         per_sample = inter_task_conflict_per_sample(expected)
         for s, one in enumerate(per_sample):
-            assert record["inter_task_per_sample"]["cosine"][s][0][1] == pytest.approx(float(one.cosine[0, 1]), abs=1e-4)
+            assert record["inter_task_per_sample"]["cosine"][s][0][1] == pytest.approx(
+                float(one.cosine[0, 1]), abs=1e-4
+            )
 
 
 class _LegacySquare(torch.autograd.Function):
@@ -281,7 +304,9 @@ def test_a_model_torch_func_cannot_transform_falls_back_to_the_loop(make_trainer
     speech.encoder.layers[0].feed_forward.intermediate_act_fn = _LegacyActivation()
     with pytest.raises(RuntimeError, match="setup_context"):  # what torch.func says of such a model
         model = MultiTaskModel.from_encoders({"speech": speech}, [Task("digit", encoder="speech", num_labels=10)])
-        batch = _collate([fsdd_sample["train"][0], fsdd_sample["train"][1]], SpeechCollator(max_length_seconds=1.0), ["digit"])
+        batch = _collate(
+            [fsdd_sample["train"][0], fsdd_sample["train"][1]], SpeechCollator(max_length_seconds=1.0), ["digit"]
+        )
         params = [(n, p) for n, p in model.named_parameters() if n.startswith("encoders.")]
         per_sample_gradients(model.eval(), "digit", batch, ["digit"], params, mode="vmap")
     trainer = make_trainer(speech_encoder=speech, mtl_diagnostics_steps=100, mtl_diagnostics_samples=3, max_steps=1)
@@ -291,7 +316,9 @@ def test_a_model_torch_func_cannot_transform_falls_back_to_the_loop(make_trainer
     assert record["per_sample"] == "loop"
     rows = [fsdd_sample["train"][i] for i in record["probe_rows"]["digit+speaker"]]
     block = next(b for b in parameter_blocks(initial) if b.tasks == ("digit", "speaker"))
-    expected = _one_at_a_time(initial, "digit+speaker", rows, SpeechCollator(max_length_seconds=1.0), ["digit", "speaker"], block.params)
+    expected = _one_at_a_time(
+        initial, "digit+speaker", rows, SpeechCollator(max_length_seconds=1.0), ["digit", "speaker"], block.params
+    )
     for k, task in enumerate(["digit", "speaker"]):
         within = gradient_conflict(expected[k])
         got = torch.tensor(record["inter_sample"][task]["cosine"], dtype=torch.float64)
@@ -299,7 +326,9 @@ def test_a_model_torch_func_cannot_transform_falls_back_to_the_loop(make_trainer
 
 
 def test_a_resumed_run_keeps_the_records_up_to_its_step(make_trainer, tmp_path):
-    trainer = make_trainer(mtl_diagnostics_steps=2, mtl_diagnostics_samples=2, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(
+        mtl_diagnostics_steps=2, mtl_diagnostics_samples=2, max_steps=4, save_strategy="steps", save_steps=2
+    )
     trainer.train()
     path = os.path.join(trainer.args.output_dir, DIAGNOSTICS_FILE)
     first = read_diagnostics(trainer.args.output_dir)
@@ -391,14 +420,21 @@ def test_report_plots_what_the_run_logged(make_trainer, fsdd_sample, trec_sample
         assert heatmap.matrix[0][1] == pytest.approx(expected)
     panel = report.series["conflict"]["digit+speaker/cosine"]
     by_label = {s.label: s for s in panel}
-    assert set(by_label) == {"inter-task (per sample)", "inter-task (probe batch)", "inter-sample: digit", "inter-sample: speaker"}
+    assert set(by_label) == {
+        "inter-task (per sample)",
+        "inter-task (probe batch)",
+        "inter-sample: digit",
+        "inter-sample: speaker",
+    }
     mine = [r for r in records if r["block"] == "digit+speaker"]
     digit = torch.tensor([r["inter_sample"]["digit"]["cosine"] for r in mine], dtype=torch.float64)
     rows, cols = torch.triu_indices(3, 3, offset=1)
     assert by_label["inter-sample: digit"].values == pytest.approx(digit[:, rows, cols].mean(1).tolist())
     per_sample = torch.tensor([r["inter_task_per_sample"]["cosine"] for r in mine], dtype=torch.float64)
     assert by_label["inter-task (per sample)"].values == pytest.approx(per_sample[:, :, 0, 1].mean(1).tolist())
-    assert by_label["inter-task (per sample)"].low == pytest.approx(torch.quantile(per_sample[:, :, 0, 1], 0.25, dim=1).tolist())
+    assert by_label["inter-task (per sample)"].low == pytest.approx(
+        torch.quantile(per_sample[:, :, 0, 1], 0.25, dim=1).tolist()
+    )
     # the command: same files, into another folder, and a clear error for a folder with no run in it
     other = os.path.join(os.path.dirname(run), "elsewhere")
     assert main(["report", run, "--output_dir", other, "--heatmap", "last"]) == 0
