@@ -6,6 +6,7 @@
     hf-mtl push RUN_DIR REPO_ID                        upload a saved run with its model card to the Hub
     hf-mtl predict RUN_DIR [--task T] INPUT ...        predict on raw text, image files or audio files
     hf-mtl list                                        methods, samplers, heads, SAM variants, data loaders
+    hf-mtl report RUN_DIR                              PNG plots of a run into RUN_DIR/plots
 
 ``hf-mtl train --help`` documents the recipe sections and every training argument; each training argument is
 also an option (``--learning_rate 1e-3``) that overrides the recipe. Bad input exits with status 2 and a message
@@ -151,6 +152,17 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--sampling_rate", type=int, default=None, help="the rate of raw audio inputs")
     predict.add_argument("--batch_size", type=int, default=1, help="inputs per forward pass (default: 1)")
     commands.add_parser("list", help="list the registered methods, samplers, heads, SAM variants and data loaders")
+    report = commands.add_parser(
+        "report",
+        help="draw PNG plots of a run (losses, metrics, task weights, gradient conflict) into RUN_DIR/plots",
+        description="Draw PNG plots of a training run from its trainer_state.json and mtl_diagnostics.jsonl "
+        "(hf_mtl/report.py lists them); needs matplotlib: pip install 'hf-mtl[report]'.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a training run")
+    report.add_argument("--output_dir", default=None, help="where the PNG files go (default: RUN_DIR/plots)")
+    report.add_argument(
+        "--heatmap", choices=["mean", "last"], default="mean", help="cosine heatmap of the mean or the last measurement"
+    )
     return parser
 
 
@@ -313,6 +325,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"{title}: {', '.join(names)}")
         return 0
+    if args.command == "report":
+        from .report import make_report
+
+        try:
+            report = make_report(args.run_dir, args.output_dir, heatmap=args.heatmap)
+        except (ValueError, ImportError) as error:
+            print(f"hf-mtl: error: {error}", file=sys.stderr)
+            return 2
+        for path in report.files.values():
+            print(path)
+        for name, reason in report.skipped.items():
+            print(f"({name}: not drawn, {reason})")
+        return 0
     given = {name: getattr(args, name) for name in args.training_fields if hasattr(args, name)}
     if args.command == "baseline":
         return _baseline(args, given)
@@ -349,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the final save writes the model, processors, recipe.yaml, eval_results.json and the model card, and then (with
     # `push_to_hub`) uploads that folder
     trainer.save_model(output_dir)
+    trainer.save_state()  # trainer_state.json again, with the final evaluation in its log history
     if trainer.is_world_process_zero():
         if metrics:
             print(_metrics_table(metrics, list(trainer.tasks), _majority_baselines(trainer)))

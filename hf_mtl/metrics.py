@@ -14,8 +14,10 @@ Three parts:
   (``-100`` for classes, NaN for regression targets), flattens what must be flattened, runs each
   metric and returns flat ``{name: float}`` results that the trainer reports as
   ``eval_<task>_<name>``.
-- **Summaries**: `delta_m` (METHODS.md §5) and `gradient_conflict` (METHODS.md §4, "How conflict
-  was measured").
+- **Summaries**: `delta_m` (METHODS.md §5) and the gradient-conflict measures of Elich et al.,
+  "Examining Common Paradigms in Multi-Task Learning" (arXiv 2311.04698, §4.2 and App. A3.2):
+  `gradient_conflict` between task gradients, `inter_sample_conflict` and
+  `inter_task_conflict_per_sample` over per-sample gradients.
 """
 
 from __future__ import annotations
@@ -664,26 +666,82 @@ class GradientConflict:
             1 for equal norms (two zero gradients included), towards 0 as the norms part.
         conflict_fraction (`torch.Tensor`, 0-d): the fraction of the K(K-1)/2 pairs ``i < j`` with
             ``S_cos < 0``; NaN when K < 2 (no pair).
+        conflicting_parameters (`torch.Tensor` of shape `(K, K)`, *optional*): the ratio of conflicting
+            gradient parameters, ``#{p : g_i[p] g_j[p] < 0} / P``: the fraction of the P coordinates where
+            the two gradients have opposite signs (a zero coordinate conflicts with nothing; 0 on the
+            diagonal). Only `gradient_conflict` (which sees the gradients) fills it; a Gramian does not
+            determine it.
     """
 
     norms: Tensor
     cosine: Tensor
     magnitude_similarity: Tensor
     conflict_fraction: Tensor
+    conflicting_parameters: Tensor | None = None
+
+    def select(self, indices: Sequence[int] | Tensor) -> GradientConflict:
+        """The result of the rows ``indices`` alone (their sub-matrices; the conflict fraction of their pairs)."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.cosine.device)
+        cosine = self.cosine[index][:, index]
+        pairs = self.pairs(cosine)
+        fraction = (pairs < 0).double().mean() if pairs.numel() else torch.tensor(math.nan, dtype=torch.float64)
+        return GradientConflict(
+            norms=self.norms[index],
+            cosine=cosine,
+            magnitude_similarity=self.magnitude_similarity[index][:, index],
+            conflict_fraction=fraction.to(cosine.dtype),
+            conflicting_parameters=None
+            if self.conflicting_parameters is None
+            else self.conflicting_parameters[index][:, index],
+        )
+
+    def pairs(self, matrix: Tensor) -> Tensor:
+        """The entries ``i < j`` of a (K, K) matrix of this result (``cosine``, ...), row-major, as float64."""
+        k = matrix.shape[0]
+        rows, cols = torch.triu_indices(k, k, offset=1, device=matrix.device)
+        return matrix[rows, cols].double()
 
     def summary(self, prefix: str = "conflict/") -> dict[str, float]:
-        """Scalars for logging: the conflict fraction and the mean / minimum off-diagonal cosine and
-        the mean magnitude similarity over the pairs ``i < j`` (NaN when K < 2)."""
-        k = self.cosine.shape[0]
-        rows, cols = torch.triu_indices(k, k, offset=1, device=self.cosine.device)
-        pair_cos, pair_mag = self.cosine[rows, cols].double(), self.magnitude_similarity[rows, cols].double()
+        """Scalars for logging: the conflict fraction and the mean / minimum off-diagonal cosine, the
+        mean magnitude similarity and (when present) the mean ratio of conflicting parameters over the
+        pairs ``i < j`` (NaN when K < 2)."""
+        pair_cos, pair_mag = self.pairs(self.cosine), self.pairs(self.magnitude_similarity)
         empty = pair_cos.numel() == 0
-        return {
+        summary = {
             f"{prefix}fraction": float(self.conflict_fraction),
             f"{prefix}cosine_mean": math.nan if empty else float(pair_cos.mean()),
             f"{prefix}cosine_min": math.nan if empty else float(pair_cos.min()),
             f"{prefix}magnitude_similarity_mean": math.nan if empty else float(pair_mag.mean()),
         }
+        if self.conflicting_parameters is not None:
+            pair_sign = self.pairs(self.conflicting_parameters)
+            summary[f"{prefix}conflicting_parameters_mean"] = math.nan if empty else float(pair_sign.mean())
+        return summary
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and floats (for JSON): ``norms``, ``cosine``, ``magnitude_similarity``,
+        ``conflicting_parameters`` (when present) and ``conflict_fraction``; NaN becomes ``None``."""
+        out = {
+            "norms": _plain(self.norms),
+            "cosine": _plain(self.cosine),
+            "magnitude_similarity": _plain(self.magnitude_similarity),
+        }
+        if self.conflicting_parameters is not None:
+            out["conflicting_parameters"] = _plain(self.conflicting_parameters)
+        out["conflict_fraction"] = _plain(self.conflict_fraction)
+        return out
+
+
+def _plain(value: Tensor) -> Any:
+    """A tensor as nested lists of Python floats, non-finite values as ``None`` (strict JSON has no NaN)."""
+    data = value.detach().double().cpu().tolist()
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, list):
+            return [clean(item) for item in x]
+        return x if math.isfinite(x) else None
+
+    return clean(data)
 
 
 def gradient_conflict_from_gramian(gramian: Tensor) -> GradientConflict:
@@ -726,15 +784,17 @@ def gradient_conflict_from_gramian(gramian: Tensor) -> GradientConflict:
 def gradient_conflict(jacobian: Tensor) -> GradientConflict:
     """Gradient-conflict diagnostics of K task gradients, measured as in Elich et al., "Examining
     Common Paradigms in Multi-Task Learning" (arXiv 2311.04698, §4.2; METHODS.md §4): pairwise cosine
-    similarity, gradient magnitude similarity and the fraction of conflicting pairs.
+    similarity, gradient magnitude similarity, the ratio of conflicting gradient parameters and the
+    fraction of conflicting pairs.
 
     ```
     G = J Jᵀ,  S_cos(i, j) = G_ij / √(G_ii G_jj),  S_mag(i, j) = 2 √(G_ii G_jj) / (G_ii + G_jj)
+    R(i, j) = #{p : J[i, p] J[j, p] < 0} / P       (`conflicting_parameter_ratio`)
     conflict fraction = #{i < j : S_cos(i, j) < 0} / (K (K - 1) / 2)
     ```
 
-    Everything is computed from the Gramian, one (K, P) x (P, K) product; half-precision input is
-    promoted to float32 first.
+    The cosine and magnitude similarities come from the Gramian, one (K, P) x (P, K) product, the
+    ratio from the signs; half-precision input is promoted to float32 first.
 
     Args:
         jacobian (`torch.Tensor` of shape `(K, P)`): one task gradient per row (the shared
@@ -747,7 +807,83 @@ def gradient_conflict(jacobian: Tensor) -> GradientConflict:
         raise ValueError(f"`jacobian` must have shape (K, P), got {tuple(jacobian.shape)}")
     if not jacobian.is_floating_point() or jacobian.dtype in (torch.float16, torch.bfloat16):
         jacobian = jacobian.float()
-    return gradient_conflict_from_gramian(jacobian @ jacobian.T)
+    result = gradient_conflict_from_gramian(jacobian @ jacobian.T)
+    result.conflicting_parameters = conflicting_parameter_ratio(jacobian).to(result.cosine.dtype)
+    return result
+
+
+#: Columns per chunk of `conflicting_parameter_ratio`: below 2^24, so float32 sums of 0/1 are exact in a chunk.
+_SIGN_CHUNK = 1 << 20
+
+
+def conflicting_parameter_ratio(jacobian: Tensor) -> Tensor:
+    """The ratio of conflicting gradient parameters between every two rows (Elich et al., 2023, §4.2):
+    the fraction of the P coordinates where the two gradients have opposite signs.
+
+    ```
+    R(i, j) = #{p : J[i, p] J[j, p] < 0} / P  =  (z_i·z_j - s_i·s_j) / (2P),   s = sign(J),  z = |s|
+    ```
+
+    A coordinate where either gradient is zero counts as no conflict, so the diagonal is 0 and R is
+    symmetric. The counts are products of sign matrices, computed over chunks of at most 2^20 columns
+    (integers, exact in float32) and summed in float64.
+
+    Args:
+        jacobian (`torch.Tensor` of shape `(K, P)`): one gradient per row.
+
+    Returns:
+        `torch.Tensor` of shape `(K, K)`, float64, on the Jacobian's device (NaN when P = 0).
+    """
+    if jacobian.ndim != 2:
+        raise ValueError(f"`jacobian` must have shape (K, P), got {tuple(jacobian.shape)}")
+    k, p = jacobian.shape
+    counts = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
+    for start in range(0, p, _SIGN_CHUNK):
+        # with s = sign(J) and z = |s|: z_i·z_j counts the coordinates where both are non-zero and s_i·s_j
+        # the agreeing minus the opposite ones, so the opposite ones are (z_i·z_j - s_i·s_j) / 2
+        signs = torch.sign(jacobian[:, start : start + _SIGN_CHUNK].float())
+        nonzero = signs.abs()
+        counts += ((nonzero @ nonzero.T - signs @ signs.T) / 2).double()
+    return counts / p if p else torch.full_like(counts, math.nan)
+
+
+def inter_sample_conflict(per_sample_gradients: Tensor) -> list[GradientConflict]:
+    """Inter-sample conflict: for each task, `gradient_conflict` between the gradients of its samples
+    (Elich et al., 2023, §4.2: "same task, two samples").
+
+    Args:
+        per_sample_gradients (`torch.Tensor` of shape `(K, n, P)`): the gradient of task k's loss on
+            sample s alone, ``[k, s]``.
+
+    Returns:
+        `list[GradientConflict]`: one per task, over its n x n sample pairs (all from one Gramian and one
+        sign count of the K n gradients: `GradientConflict.select`).
+    """
+    k, n = _check_per_sample(per_sample_gradients)
+    every = gradient_conflict(per_sample_gradients.reshape(k * n, -1))
+    return [every.select(range(task * n, (task + 1) * n)) for task in range(k)]
+
+
+def _check_per_sample(per_sample_gradients: Tensor) -> tuple[int, int]:
+    if per_sample_gradients.ndim != 3:
+        raise ValueError(f"`per_sample_gradients` must have shape (K, n, P), got {tuple(per_sample_gradients.shape)}")
+    return per_sample_gradients.shape[0], per_sample_gradients.shape[1]
+
+
+def inter_task_conflict_per_sample(per_sample_gradients: Tensor) -> list[GradientConflict]:
+    """Inter-task conflict sample by sample: for each sample, `gradient_conflict` between the K task
+    gradients of that one sample (Elich et al., 2023, §4.2: "same sample, two tasks").
+
+    Args:
+        per_sample_gradients (`torch.Tensor` of shape `(K, n, P)`): as for `inter_sample_conflict`; the
+            K tasks must label the same n samples.
+
+    Returns:
+        `list[GradientConflict]`: one per sample, over its K x K task pairs.
+    """
+    k, n = _check_per_sample(per_sample_gradients)
+    every = gradient_conflict(per_sample_gradients.reshape(k * n, -1))
+    return [every.select(range(sample, k * n, n)) for sample in range(n)]
 
 
 __all__ = [
@@ -761,10 +897,13 @@ __all__ = [
     "Precision",
     "Recall",
     "compute_task_metrics",
+    "conflicting_parameter_ratio",
     "score_present_labels",
     "delta_m",
     "gradient_conflict",
     "gradient_conflict_from_gramian",
+    "inter_sample_conflict",
+    "inter_task_conflict_per_sample",
     "list_metrics",
     "load_metric",
     "majority_class_accuracy",

@@ -175,6 +175,17 @@ class MultiTaskTrainer(Trainer):
             self.engine._gramian.check_groups(self.train_groups)
         logger.info(f"hf_mtl: {self.engine.describe()}")
         self.add_callback(_MultiTaskCallback(self))
+        if args.mtl_diagnostics_steps > 0:
+            from .callbacks import GradientDiagnosticsCallback
+
+            self.add_callback(
+                GradientDiagnosticsCallback(
+                    self,
+                    every_n_steps=args.mtl_diagnostics_steps,
+                    num_samples=args.mtl_diagnostics_samples,
+                    per_sample=args.mtl_diagnostics_per_sample,
+                )
+            )
 
     # ------------------------------------------------------------------ set-up
     def _build_collators(
@@ -513,7 +524,8 @@ class MultiTaskTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):  # noqa: ANN201
-        """`Trainer.train`, refusing to write into a non-empty `output_dir` unless told to (or resuming)."""
+        """`Trainer.train`, refusing to write into a non-empty `output_dir` unless told to (or resuming); saves
+        ``trainer_state.json`` (`save_state`) into `output_dir` at the end."""
         output_dir = self.args.output_dir
         if (
             not resume_from_checkpoint
@@ -526,7 +538,9 @@ class MultiTaskTrainer(Trainer):
                 f"`output_dir` {output_dir!r} already exists and is not empty; pass `resume_from_checkpoint` to continue "
                 "that run, `overwrite_output_dir=True` to write into it anyway, or choose another `output_dir`"
             )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self.save_state()  # `trainer_state.json` (the log history) beside the final model, for `hf-mtl report`
+        return output
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         self._saving_checkpoint = True

@@ -111,6 +111,23 @@ class MultiTaskTrainingArguments(TrainingArguments):
             `evaluate()` then reports `eval_delta_m`, Δm% against them (Maninis et al., 2019; lower is better,
             negative beats the baselines), and `metric_for_best_model="delta_m"` selects on it (`greater_is_better`
             then defaults to `False`).
+
+        > Gradient-conflict diagnostics (Elich et al., "Examining Common Paradigms in Multi-Task Learning", §4.2)
+
+        mtl_diagnostics_steps (`int`, *optional*, defaults to `0`):
+            Measure inter-task and inter-sample gradient conflict on the shared parameters at step 0 and after every
+            this many optimizer steps (`hf_mtl.callbacks.GradientDiagnosticsCallback`): cosine and magnitude
+            similarity, the ratio of conflicting gradient parameters and the fraction of conflicting pairs, per block
+            of shared parameters, logged as `diagnostics/<block>/...` to every `report_to` integration and written to
+            `<output_dir>/mtl_diagnostics.jsonl`. `0` turns them off (nothing is registered). Elich et al. measure
+            every 5 iterations.
+        mtl_diagnostics_samples (`int`, *optional*, defaults to `8`):
+            Probe rows per task group in each measurement, drawn at random from the training data (and the most
+            tasks of one block measured; more are drawn at random), as Elich et al.'s "8 random samples or tasks".
+            At least 2.
+        mtl_diagnostics_per_sample (`str`, *optional*, defaults to `"vmap"`):
+            How per-sample gradients are computed: `vmap` (one batched forward and a `torch.func.vmap`-ped backward)
+            or `loop` (one forward and backward per sample); the same numbers.
     """
 
     overwrite_output_dir: bool = field(
@@ -189,6 +206,17 @@ class MultiTaskTrainingArguments(TrainingArguments):
             "help": "The single-task baselines (baselines.json of `hf-mtl baseline`, or its folder); evaluate() then "
             "reports eval_delta_m (lower is better)."
         },
+    )
+    mtl_diagnostics_steps: int = field(
+        default=0,
+        metadata={"help": "Measure gradient conflict every this many steps (0: off; Elich et al. use 5)."},
+    )
+    mtl_diagnostics_samples: int = field(
+        default=8, metadata={"help": "Probe rows per task group (and most tasks per block) in each measurement."}
+    )
+    mtl_diagnostics_per_sample: str = field(
+        default="vmap",
+        metadata={"help": "How per-sample gradients are computed.", "choices": ["vmap", "loop"]},
     )
 
     def __post_init__(self) -> None:
@@ -269,6 +297,14 @@ class MultiTaskTrainingArguments(TrainingArguments):
                     "`metric_for_best_model`='delta_m' with `greater_is_better=True` would keep the worst checkpoint: "
                     "Δm is lower-is-better (negative beats the baselines); leave `greater_is_better` unset"
                 )
+        for name, minimum in (("mtl_diagnostics_steps", 0), ("mtl_diagnostics_samples", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        if self.mtl_diagnostics_per_sample not in ("vmap", "loop"):
+            raise ValueError(
+                f"`mtl_diagnostics_per_sample` must be one of vmap, loop; got {self.mtl_diagnostics_per_sample!r}"
+            )
 
 
 def _has_accelerator() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import os
 
@@ -22,6 +24,7 @@ TASKS = ("digit", "speaker", "coarse", "fine", "handwritten")
 @pytest.fixture()
 def build(tmp_path, fsdd_sample, trec_sample, uci_digits, trec_tokenizer):
     """A function: (dropout, **argument overrides) -> a fresh trainer on the five real tasks."""
+    runs = itertools.count()
 
     def make(dropout: float = 0.1, **overrides):
         tasks = [
@@ -40,7 +43,7 @@ def build(tmp_path, fsdd_sample, trec_sample, uci_digits, trec_tokenizer):
         if dropout == 0:
             no_dropout(model)
         options = dict(
-            output_dir=str(tmp_path / "out"),
+            output_dir=str(tmp_path / f"out{next(runs)}"),  # each trainer its own run folder
             max_steps=40,
             per_device_train_batch_size=16,
             per_device_eval_batch_size=64,
