@@ -373,8 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = trainer.args.output_dir
     # the final save writes the model, processors, recipe.yaml, eval_results.json and the model card, and then (with
     # `push_to_hub`) uploads that folder
+    trainer.save_state()  # trainer_state.json again, with the final evaluation in its log history (before the push)
     trainer.save_model(output_dir)
-    trainer.save_state()  # trainer_state.json again, with the final evaluation in its log history
     if trainer.is_world_process_zero():
         if metrics:
             print(_metrics_table(metrics, list(trainer.tasks), _majority_baselines(trainer)))
