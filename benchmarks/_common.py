@@ -197,7 +197,6 @@ class MemoryProbe:
             return
         status = _proc_status()
         if status is None:
-
             self.kind = "ru_maxrss (no reset: includes set-up)"
             self._start = 0
             return

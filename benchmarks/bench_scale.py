@@ -128,7 +128,9 @@ class Result:
 def task_columns(k: int) -> list[tuple[str, str, int]]:
     """(task name, label column, classes) of the K tasks."""
     names = list(LABELS)
-    return [(f"t{i}_{names[i % len(names)]}", names[i % len(names)], LABELS[names[i % len(names)]][0]) for i in range(k)]
+    return [
+        (f"t{i}_{names[i % len(names)]}", names[i % len(names)], LABELS[names[i % len(names)]][0]) for i in range(k)
+    ]
 
 
 def build(cfg: Config) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
@@ -250,8 +252,14 @@ def hf_mtl_options(spec: str, cfg: Config) -> dict[str, Any]:
     return options
 
 
-def run_loop(backward: Any, params: list[nn.Parameter], model: nn.Module, batches: list[Any], device: torch.device,
-             clock: common.StepClock) -> None:
+def run_loop(
+    backward: Any,
+    params: list[nn.Parameter],
+    model: nn.Module,
+    batches: list[Any],
+    device: torch.device,
+    clock: common.StepClock,
+) -> None:
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
     model.train()
     for batch in batches:
@@ -435,14 +443,20 @@ def report(results: list[Result], device: str) -> tuple[str, list[dict[str, Any]
             )
         )
 
-        def ratio(name: str) -> float | None:
+        def ratio(name: str, index: dict = index, plain: float | None = plain) -> float | None:
             t = _time(index[name], device) if name in index else None
             return None if t is None or not plain else t / plain
 
-        def add(target: str, value: float | None, bound: float) -> None:
+        def add(target: str, value: float | None, bound: float, layout: str = layout, k: int = k) -> None:
             checks.append(
-                {"layout": layout, "tasks": k, "target": target, "value": value, "bound": bound,
-                 "met": value is not None and value <= bound}
+                {
+                    "layout": layout,
+                    "tasks": k,
+                    "target": target,
+                    "value": value,
+                    "bound": bound,
+                    "met": value is not None and value <= bound,
+                }
             )
 
         add("ew / plain", ratio("hf_mtl:ew"), 1.03)
@@ -463,8 +477,17 @@ def report(results: list[Result], device: str) -> tuple[str, list[dict[str, Any]
     lines.append(
         common.format_table(
             ["layout", "K", "target", "value", "bound", "met"],
-            [[c["layout"], c["tasks"], c["target"], "-" if c["value"] is None else f"{c['value']:.3f}", c["bound"],
-              "yes" if c["met"] else "NO"] for c in checks],
+            [
+                [
+                    c["layout"],
+                    c["tasks"],
+                    c["target"],
+                    "-" if c["value"] is None else f"{c['value']:.3f}",
+                    c["bound"],
+                    "yes" if c["met"] else "NO",
+                ]
+                for c in checks
+            ],
         )
     )
     return "\n".join(lines), checks
@@ -489,9 +512,18 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for layout in args.layouts.split(","):
         for k in (int(v) for v in args.tasks.split(",")):
-            cfg = Config(layout=layout, tasks=k, model=args.model, device=args.device, threads=args.threads,
-                         steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-                         data_dir=args.data_dir)
+            cfg = Config(
+                layout=layout,
+                tasks=k,
+                model=args.model,
+                device=args.device,
+                threads=args.threads,
+                steps=args.steps,
+                warmup=args.warmup,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                data_dir=args.data_dir,
+            )
             for name in names:
                 if layout == "per_task" and name.endswith("@gramian"):
                     continue  # refused by design: per-task batches have no shared-input Gramian

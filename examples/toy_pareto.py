@@ -1,6 +1,6 @@
 """Every registered gradient method on the 2-D two-objective toy of CAGrad and Nash-MTL.
 
-Problems (docs/METHODS.md §6.1, §6.2; ``toy_problem.py``):
+Problems (docs/toy_pareto.md; ``toy_problem.py``):
 
 - ``cagrad``: the CAGrad toy, f₁ and f₂ as in ``Cranial-XIX/CAGrad toy.py``, inits (−8.5, 7.5),
   (−8.5, −5), (9, 9); the paper runs 100k steps.
@@ -91,13 +91,13 @@ class Problem:
 
 
 PROBLEMS = {
-    "cagrad": Problem("cagrad", 1.0, CAGRAD_INITS, 100_000, "§6.1"),
-    "nash": Problem("nash", 0.1, NASH_INITS, 35_000, "§6.2 (f₁×0.1)"),
+    "cagrad": Problem("cagrad", 1.0, CAGRAD_INITS, 100_000, "CAGrad toy"),
+    "nash": Problem("nash", 0.1, NASH_INITS, 35_000, "Nash-MTL toy (f₁×0.1)"),
 }
 
 
 def toy_kwargs(name: str, scale: float) -> dict[str, Any]:
-    """Method settings of the reference toy scripts (METHODS.md §3, §6); defaults for the rest."""
+    """Method settings of the reference toy scripts (the CAGrad and Nash-MTL toy code); defaults for the rest."""
     if name == "cagrad":
         return {"c": 0.5, "rescale": 2}
     if name == "famo":
@@ -332,7 +332,7 @@ def plot_results(
         axis.tick_params(labelsize=5, length=2, pad=1)
         axis.set_aspect("equal")
     figure.suptitle(
-        f"hf_mtl methods on the CAGrad toy (§6.1: f₁ + f₂) and its Nash-MTL variant (§6.2: 0.1 f₁ + f₂); "
+        f"hf_mtl methods on the CAGrad toy (f₁ + f₂) and its Nash-MTL variant (0.1 f₁ + f₂); "
         f"Adam lr {lr:g}, {steps} steps (papers: 100k / 35k)\n○ start, ★ end, ✕ failed; black: Pareto set "
         f"x₂ = {PARETO_X2}, x₁ ∈ [−7, 7]; 'on P': within {PARETO_TOLERANCE} of it",
         fontsize=9,

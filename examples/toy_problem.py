@@ -1,4 +1,4 @@
-"""The two-objective 2-D toy of the CAGrad and Nash-MTL papers (docs/METHODS.md §6.1, §6.2).
+"""The two-objective 2-D toy of the CAGrad and Nash-MTL papers (docs/toy_pareto.md).
 
 Pure torch, batched: ``toy_losses(x)`` maps points of shape (N, 2) to losses of shape (N, 2).
 Reference: ``Cranial-XIX/CAGrad toy.py`` (``scale=1``) and ``AvivNavon/nash-mtl
@@ -22,11 +22,11 @@ from torch import Tensor
 
 LOWER = 5e-6
 
-#: The plotted Pareto segment: x₂ = PARETO_X2 for x₁ in PARETO_X1 (METHODS.md §6.1).
+#: The plotted Pareto segment: x₂ = PARETO_X2 for x₁ in PARETO_X1 (docs/toy_pareto.md).
 PARETO_X2 = -8.3552
 PARETO_X1 = (-7.0, 7.0)
 
-#: Starting points of the CAGrad toy (§6.1) and of the Nash-MTL / FAMO code (§6.2).
+#: Starting points of the CAGrad toy and of the Nash-MTL / FAMO code.
 CAGRAD_INITS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
 NASH_INITS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 

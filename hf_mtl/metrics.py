@@ -14,7 +14,7 @@ Three parts:
   (``-100`` for classes, NaN for regression targets), flattens what must be flattened, runs each
   metric and returns flat ``{name: float}`` results that the trainer reports as
   ``eval_<task>_<name>``.
-- **Summaries**: `delta_m` (METHODS.md §5) and the gradient-conflict measures of Elich et al.,
+- **Summaries**: `delta_m` (Maninis et al., 2019, in the convention of Nash-MTL and FAMO) and the gradient-conflict measures of Elich et al.,
   "Examining Common Paradigms in Multi-Task Learning" (arXiv 2311.04698, §4.2 and App. A3.2):
   `gradient_conflict` between task gradients, `inter_sample_conflict` and
   `inter_task_conflict_per_sample` over per-sample gradients.
@@ -582,7 +582,7 @@ def delta_m(
     higher_is_better: Mapping[str, bool] | Sequence[bool],
 ) -> float:
     """Δm%, the mean relative change of every metric against a baseline (Maninis et al., 2019), in the
-    convention of Nash-MTL and FAMO (METHODS.md §5): **lower is better, negative beats the baseline**.
+    convention of Nash-MTL and FAMO (Maninis et al., 2019, in the convention of Nash-MTL and FAMO): **lower is better, negative beats the baseline**.
 
     ```
     Δm% = 100 / K · Σ_k (-1)^{δ_k} (M_m,k - M_b,k) / |M_b,k|,   δ_k = 1 if higher is better for metric k
@@ -611,7 +611,7 @@ def delta_m(
         `ValueError`: for a metric missing from `metrics` or `higher_is_better`, a zero or
         non-finite baseline value, a non-finite metric, or an empty baseline.
 
-    Example (Nash-MTL on NYUv2 against STL, METHODS.md §6.6):
+    Example (Nash-MTL on NYUv2 against STL, Navon et al., Nash-MTL, NYUv2 table):
 
     ```python
     >>> stl = [38.30, 63.76, 0.6754, 0.2780, 25.01, 19.21, 30.14, 57.20, 69.15]
@@ -656,7 +656,7 @@ def delta_m(
 
 @dataclass
 class GradientConflict:
-    """Pairwise diagnostics of K task gradients (Elich et al., 2023, §4.2; METHODS.md §4).
+    """Pairwise diagnostics of K task gradients (Elich et al., 2023, §4.2; Elich et al., arXiv 2311.04698).
 
     Attributes:
         norms (`torch.Tensor` of shape `(K,)`): ``‖g_i‖``.
@@ -783,7 +783,7 @@ def gradient_conflict_from_gramian(gramian: Tensor) -> GradientConflict:
 
 def gradient_conflict(jacobian: Tensor) -> GradientConflict:
     """Gradient-conflict diagnostics of K task gradients, measured as in Elich et al., "Examining
-    Common Paradigms in Multi-Task Learning" (arXiv 2311.04698, §4.2; METHODS.md §4): pairwise cosine
+    Common Paradigms in Multi-Task Learning" (arXiv 2311.04698, §4.2; Elich et al., arXiv 2311.04698): pairwise cosine
     similarity, gradient magnitude similarity, the ratio of conflicting gradient parameters and the
     fraction of conflicting pairs.
 

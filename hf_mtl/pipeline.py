@@ -341,9 +341,7 @@ class MultiTaskPipeline(Pipeline):
                 tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
                 tokens = tokenizer.convert_ids_to_tokens(entry["input_ids"]) if tokenizer is not None else None
             head = self.model.heads[name]
-            (prediction,) = head.decode(
-                entry["logits"][None], task.label_names, top_k=top_k, threshold=threshold
-            )
+            (prediction,) = head.decode(entry["logits"][None], task.label_names, top_k=top_k, threshold=threshold)
             if not head.sequence_level:  # per token: with its position and text; the added tokens ([CLS], [SEP]) go
                 names = tokens if tokens is not None else [str(i) for i in range(len(prediction))]
                 special = set(getattr(tokenizer, "all_special_tokens", [])) - {getattr(tokenizer, "unk_token", None)}

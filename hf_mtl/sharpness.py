@@ -33,7 +33,6 @@ Shared rules (SAM: Foret et al., ICLR 2021; ASAM: Kwon et al., ICML 2021; F-MTL:
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +153,9 @@ class Sharpness:
         """One micro-step; returns the normalised task losses at the unperturbed weights (detached)."""
         raise NotImplementedError
 
-    def combine(self, engine: MultiTaskEngine, problem: Any, names: Sequence[str], rows: Tensor, **kwargs: Any) -> Tensor:
+    def combine(
+        self, engine: MultiTaskEngine, problem: Any, names: Sequence[str], rows: Tensor, **kwargs: Any
+    ) -> Tensor:
         """A problem's update from its (unscaled, transformed) rows: the method's by default."""
         return engine.aggregate(problem.method, rows, **kwargs)
 
@@ -389,7 +390,9 @@ class FMTL(Sharpness):
             if pairs:
                 torch._foreach_mul_([v for _, v in pairs], derivative[position].to(pairs[0][1].dtype))
 
-    def combine(self, engine: MultiTaskEngine, problem: Any, names: Sequence[str], rows: Tensor, **kwargs: Any) -> Tensor:
+    def combine(
+        self, engine: MultiTaskEngine, problem: Any, names: Sequence[str], rows: Tensor, **kwargs: Any
+    ) -> Tensor:
         flat_all = engine.block_rows(problem, "rows/flat")
         if engine.grad_scale != 1.0:
             flat_all.div_(engine.grad_scale)

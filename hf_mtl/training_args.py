@@ -35,7 +35,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
             Allow `train()` to write into an `output_dir` that already holds files. Without it, a non-empty
             `output_dir` is refused unless the run resumes from a checkpoint, so nothing is overwritten silently.
 
-        > Gradient method (docs/METHODS.md §3)
+        > Gradient method (docs/methods.md)
 
         mtl_method (`str`, *optional*, defaults to `"ew"`):
             How the per-task gradients are combined: one of `hf_mtl.methods.list_methods()`. Loss-weighting methods
@@ -73,7 +73,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
             moves), logged and counted (`mtl/skipped_steps`), instead of writing NaN into the weights. Under fp16 the
             GradScaler decides, as for a plain Trainer.
 
-        > Task sampling (which tasks appear in each step; DESIGN.md step 1)
+        > Task sampling (which tasks appear in each step; docs/architecture.md step 1)
 
         task_sampling (`str`, *optional*, defaults to `"all"`):
             One of `hf_mtl.data.list_samplers()`: `all` (every task every step), `proportional`, `temperature`,
@@ -84,7 +84,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
             Per-task, per-device training batch sizes, e.g. `{"digit": 16, "coarse": 32}`; tasks not named use
             `per_device_train_batch_size`. Tasks that share one dataset must share one batch size.
 
-        > Sharpness-aware training (docs/METHODS.md §1-2)
+        > Sharpness-aware training (Foret et al., ICLR 2021; Kwon et al., ICML 2021; Phan et al., arXiv 2211.13723)
 
         sam (`str`, *optional*):
             `sam` (Foret et al.), `asam` (Kwon et al.) or `fmtl` (task-based flat regions, Phan et al.); `None` or

@@ -1,4 +1,4 @@
-"""The engine's step against direct computations on a tiny real model and real data (DESIGN.md, steps 2-5).
+"""The engine's step against direct computations on a tiny real model and real data (docs/architecture.md, steps 2-5).
 
 Every expected value is computed here by hand with ``torch.autograd.grad`` on the same model and batch:
 the engine must put each task's gradient of the shared parameters in its own row, combine the rows with

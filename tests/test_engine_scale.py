@@ -3,9 +3,9 @@ direct computations with ``torch.autograd.grad`` on tiny real models and real da
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 
 from hf_mtl import MultiTaskModel, Task
 from hf_mtl.data import SpeechCollator, TextCollator, VisionCollator
@@ -244,7 +244,9 @@ def test_bfloat16_rows_give_the_float32_update_to_bfloat16_precision(five, metho
     reference = _step(MultiTaskEngine(model, get_method(method, num_tasks=5), FIVE, seed=0), model, [batch])
     engine = MultiTaskEngine(model, get_method(method, num_tasks=5), FIVE, seed=0, rows_dtype=torch.bfloat16)
     assert engine.row_buffer["rows"].dtype == torch.bfloat16
-    assert engine.row_buffer["rows"].numel() * 2 == engine.row_buffer.flat.element_size() * engine.row_buffer.flat.numel()
+    assert (
+        engine.row_buffer["rows"].numel() * 2 == engine.row_buffer.flat.element_size() * engine.row_buffer.flat.numel()
+    )
     got = _step(engine, model, [batch])
     for problem in engine.problems:
         names = [n for n, _ in problem.block.params]

@@ -1,6 +1,6 @@
 """Tests of `hf_mtl.metrics`: offline built-in metrics against scikit-learn and hand computations,
-masking per head kind, user-supplied `evaluate` modules, Δm (METHODS.md §5, §6.6) and
-gradient-conflict diagnostics (METHODS.md §4). No network: a fixture makes any connection fail."""
+masking per head kind, user-supplied `evaluate` modules, Δm (Maninis et al., 2019, in the convention of Nash-MTL and FAMO) and
+gradient-conflict diagnostics (Elich et al., arXiv 2311.04698). No network: a fixture makes any connection fail."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from hf_mtl.metrics import (
 
 BUILTINS = ["accuracy", "f1", "mae", "matthews_correlation", "mse", "precision", "recall"]
 
-# NYUv2, SegNet-MTAN (METHODS.md §5): mIoU, PixAcc, AbsErr, RelErr, angle mean, median, <11.25°, <22.5°, <30°
+# NYUv2, SegNet-MTAN (Maninis et al., 2019, in the convention of Nash-MTL and FAMO): mIoU, PixAcc, AbsErr, RelErr, angle mean, median, <11.25°, <22.5°, <30°
 NYUV2_NAMES = ["miou", "pix_acc", "abs_err", "rel_err", "mean", "median", "within_11", "within_22", "within_30"]
 NYUV2_HIGHER = [True, True, False, False, False, False, True, True, True]
 NYUV2_STL = [38.30, 63.76, 0.6754, 0.2780, 25.01, 19.21, 30.14, 57.20, 69.15]
@@ -421,7 +421,7 @@ def test_result_names_flatten_arrays_and_keys() -> None:
 
 
 def test_delta_m_nash_mtl_nyuv2() -> None:
-    """METHODS.md §6.6: the Nash-MTL NYUv2 row against STL gives -4.05 ± 0.01 (paper -4.04; exact -4.047)."""
+    """Navon et al., Nash-MTL, NYUv2 table: the Nash-MTL NYUv2 row against STL gives -4.05 ± 0.01 (paper -4.04; exact -4.047)."""
     value = delta_m(NYUV2_NASH, NYUV2_STL, NYUV2_HIGHER)
     assert value == pytest.approx(-4.05, abs=0.01)
     assert value == pytest.approx(-4.047, abs=5e-4)

@@ -1,6 +1,6 @@
 """SAM, ASAM and F-MTL (`hf_mtl.sharpness`) against direct implementations on tiny real models and real data.
 
-Every expected value is computed here from the definitions (docs/METHODS.md §1-2) with
+Every expected value is computed here from the definitions (Foret et al., ICLR 2021; Kwon et al., ICML 2021; Phan et al., arXiv 2211.13723) with
 ``torch.autograd.grad`` on the same model and batch, independently of the engine:
 
 - SAM: ``g = ∇C(w)``, ``e = ρ g / (‖g‖ + 1e-12)`` over every trainable parameter, then the method's step
@@ -426,7 +426,7 @@ def test_fmtl_with_ew_is_the_mean_of_the_per_task_sam_gradients(text):
 
 
 def test_fmtl_with_a_random_loss_weighting_draws_one_set_of_weights(text):
-    """A linear aggregator with the step's weights λ: AGG(g) + AGG(h) = Σ λ_i g_i^SAM (METHODS.md §1.3, EW)."""
+    """A linear aggregator with the step's weights λ: AGG(g) + AGG(h) = Σ λ_i g_i^SAM (Phan et al., arXiv 2211.13723, EW)."""
     model, make_batch = text
     batch = make_batch()
     engine = _engine(model, TASKS, "rlw", "fmtl", rho=0.5)

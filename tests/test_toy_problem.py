@@ -1,4 +1,4 @@
-"""The CAGrad / Nash-MTL 2-D toy (docs/METHODS.md §6.1, §6.2) and a short run of `examples/toy_pareto.py`."""
+"""The CAGrad / Nash-MTL 2-D toy (docs/toy_pareto.md) and a short run of `examples/toy_pareto.py`."""
 
 from __future__ import annotations
 

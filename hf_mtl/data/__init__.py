@@ -1,5 +1,5 @@
 """Data for multi-task training: built-in real data sets, task samplers, the multi-task loader and the
-per-modality collators (DESIGN.md, step 1)."""
+per-modality collators (docs/architecture.md, step 1)."""
 
 from .collators import (
     EncoderInputsCollator,

@@ -1,4 +1,4 @@
-"""Per-modality collators: rows (a list of dicts) -> the encoder inputs of one sub-batch (DESIGN.md, step 1).
+"""Per-modality collators: rows (a list of dicts) -> the encoder inputs of one sub-batch (docs/architecture.md, step 1).
 
 | collator | reads | returns |
 | --- | --- | --- |

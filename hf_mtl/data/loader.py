@@ -1,4 +1,4 @@
-"""The multi-task loader: one multi-task batch per micro-step (DESIGN.md, step 1).
+"""The multi-task loader: one multi-task batch per micro-step (docs/architecture.md, step 1).
 
 A multi-task batch maps a group key (the ``+``-joined names of the tasks that share one dataset) to
 that group's sub-batch: the encoder inputs made by the group's collator, plus ``labels``, a mapping

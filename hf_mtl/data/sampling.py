@@ -1,4 +1,4 @@
-"""Task sampling strategies: which task groups appear in each step (DESIGN.md, step 1).
+"""Task sampling strategies: which task groups appear in each step (docs/architecture.md, step 1).
 
 A *group* is the set of tasks that share one training dataset (FSDD's ``digit`` and ``speaker``
 labels on the same clip); its tasks travel, and are drawn, together. With one task per dataset a

@@ -260,7 +260,9 @@ class MultiTaskEngine:
             for task in self.task_names
         }
         head_ids = {
-            task: {id(p) for p in self.heads[task].parameters()} if self.heads is not None and task in self.heads else set()
+            task: {id(p) for p in self.heads[task].parameters()}
+            if self.heads is not None and task in self.heads
+            else set()
             for task in self.task_names
         }
         #: task -> plain indices of its head's parameters (what a representation method's per-task backward reaches)
@@ -331,7 +333,9 @@ class MultiTaskEngine:
                     "there are none: use 'rows', or drop `mtl_surgery_parameters`"
                 )
             if rows_dtype != torch.float32:
-                raise ValueError(f"`mtl_rows_dtype` applies to the rows; `mtl_jacobian_mode`={jacobian_mode!r} has none")
+                raise ValueError(
+                    f"`mtl_rows_dtype` applies to the rows; `mtl_jacobian_mode`={jacobian_mode!r} has none"
+                )
             return "representation" if jacobian_mode == "features" else "gramian"
         if sharpness is not None and sharpness.per_task:
             return "rows"  # F-MTL: per-task rows whatever the method
@@ -415,9 +419,13 @@ class MultiTaskEngine:
             return f"`{self.method.name}` weights the task losses: one backward per micro-batch"
         if not self.problems:
             return f"`{self.method.name}`: no parameter is shared by two tasks; every task keeps its own gradient"
-        scope = "one global problem" if self.global_problem else f"{len(self.problems)} problem(s), one per shared block"
+        scope = (
+            "one global problem" if self.global_problem else f"{len(self.problems)} problem(s), one per shared block"
+        )
         parts = ", ".join(
-            f"{p.name} ({p.size:,} parameters)" if p.block is not None else f"{p.name} (features of {', '.join(p.encoders)})"
+            f"{p.name} ({p.size:,} parameters)"
+            if p.block is not None
+            else f"{p.name} (features of {', '.join(p.encoders)})"
             for p in self.problems
         )
         sharded = " (sizes of this rank's FSDP shards)" if self.sharded is not None else ""
@@ -572,7 +580,9 @@ class MultiTaskEngine:
                     f"but this rank's model returned no loss for {missing}: every rank's sub-batch must carry `labels` "
                     "for its tasks (missing labels as -100)"
                 )
-        normalised = {t: losses[t].float() * factors[self.task_ids[t]] for t in self.task_names if t in counts and t in losses}
+        normalised = {
+            t: losses[t].float() * factors[self.task_ids[t]] for t in self.task_names if t in counts and t in losses
+        }
         outputs.losses = normalised
         return outputs
 
@@ -626,7 +636,9 @@ class MultiTaskEngine:
         finally:
             sink.clear()
 
-    def plain_pairs(self, indices: Sequence[int], area: Sequence[Tensor] | None = None) -> list[tuple[nn.Parameter, Tensor]]:
+    def plain_pairs(
+        self, indices: Sequence[int], area: Sequence[Tensor] | None = None
+    ) -> list[tuple[nn.Parameter, Tensor]]:
         """``(parameter, view)`` of plain parameters by index, in the plain segment or another area of its layout.
         Built once per set of indices and area (the step builds no parameter lists)."""
         area = self.plain_views if area is None else area
@@ -712,7 +724,9 @@ class MultiTaskEngine:
             self.backward_rows(batch, losses)
         elif self.mode == "combined":
             self.ensure_loss_weights(model, losses, micro_index)
-            self.backward_into(self.objective(losses) * self.grad_scale, self.plain_pairs(range(len(self.plain_params))))
+            self.backward_into(
+                self.objective(losses) * self.grad_scale, self.plain_pairs(range(len(self.plain_params)))
+            )
         else:  # gramian
             self._gramian.backward(self, batch, losses)
         return {t: v.detach() for t, v in losses.items()}
@@ -762,7 +776,9 @@ class MultiTaskEngine:
                 losses[task] * self.grad_scale, [*zs, *(p for p, _ in heads)], retain_graph=True, allow_unused=True
             )
             rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(z)).reshape(-1).float() for g, z in zip(grads, zs)])
+                torch.cat(
+                    [(g if g is not None else torch.zeros_like(z)).reshape(-1).float() for g, z in zip(grads, zs)]
+                )
             )
             present = [(v, g) for (_, v), g in zip(heads, grads[len(zs) :]) if g is not None]
             if present:
@@ -829,15 +845,18 @@ class MultiTaskEngine:
             self.backward_into(objective, self.plain_pairs(indices), retain_graph=bool(grad_features))
         if grad_features:
             keys = list(grad_features)
-            upstream = sorted({i for t in self.task_names if t in losses for i in self.task_plain_indices[t]} - {
-                i for t in handled for i in self.task_head_indices[t]
-            })
+            upstream = sorted(
+                {i for t in self.task_names if t in losses for i in self.task_plain_indices[t]}
+                - {i for t in handled for i in self.task_head_indices[t]}
+            )
             pairs = self.plain_pairs(upstream)
             if self.pointer_grads:
                 for p, view in pairs:
                     p.grad = view
                 torch.autograd.backward(
-                    [features[k] for k in keys], grad_tensors=[grad_features[k] for k in keys], inputs=[p for p, _ in pairs]
+                    [features[k] for k in keys],
+                    grad_tensors=[grad_features[k] for k in keys],
+                    inputs=[p for p, _ in pairs],
                 )
             else:
                 grads = torch.autograd.grad(
@@ -851,7 +870,9 @@ class MultiTaskEngine:
                     torch._foreach_add_([v for v, _ in present], [g.to(v.dtype) for v, g in present])
 
     # ------------------------------------------------------------------ the step
-    def micro_step(self, model: nn.Module, batch: Mapping[str, Any], *, step: int = 0, grad_scale: float = 1.0) -> Tensor:
+    def micro_step(
+        self, model: nn.Module, batch: Mapping[str, Any], *, step: int = 0, grad_scale: float = 1.0
+    ) -> Tensor:
         """Forward and backward of the window's next micro-batch into the buffer. Returns this micro-step's share
         of the logged loss (detached). Without `begin_window`, ``batch`` is a window of its own."""
         if not self._window_open:
@@ -999,7 +1020,9 @@ class MultiTaskEngine:
             if not self._finite_tensor(rows):
                 update = torch.full((problem.size,), float("nan"), device=rows.device)  # the GradScaler skips
             elif self.sharpness is not None:
-                update = self.sharpness.combine(self, problem, names, rows, losses=losses, task_ids=ids, generator=generator)
+                update = self.sharpness.combine(
+                    self, problem, names, rows, losses=losses, task_ids=ids, generator=generator
+                )
             else:
                 update = self.aggregate(problem.method, rows, losses=losses, task_ids=ids, generator=generator)
             self._update_sums.append(update.sum())

@@ -118,7 +118,9 @@ class ParameterPartition:
                 try:
                     compiled.append(re.compile(pattern))
                 except re.error as error:
-                    raise ValueError(f"`mtl_surgery_parameters`: {pattern!r} is not a regular expression: {error}")
+                    raise ValueError(
+                        f"`mtl_surgery_parameters`: {pattern!r} is not a regular expression: {error}"
+                    ) from error
             shared_names = [name for block in blocks for name, _ in block.params]
             for pattern, regex in zip(surgery_patterns, compiled):
                 if not any(regex.search(name) for name in shared_names):

@@ -1,4 +1,4 @@
-"""Gradient methods: one small registered module per method (docs/METHODS.md §3).
+"""Gradient methods: one small registered module per method (docs/methods.md).
 
 ``get_method(name, **kwargs)`` builds one; ``list_methods()`` names them all. Importing this package
 imports every method module so that each registers itself.

@@ -1,5 +1,5 @@
 """The part UPGrad and DualProj share: their settings and the projection of preference vectors onto the
-dual cone of the rows (docs/METHODS.md §3, "UPGrad").
+dual cone of the rows (docs/methods.md, "UPGrad").
 
 Both methods are ``d = Jᵀ v`` with ``v`` the dual-cone projection weights of preference vectors ``u``
 (Quinton & Rey 2024, Proposition 1: ``v = argmin_{v ≥ u} vᵀ G v``), on the Gramian preprocessed as

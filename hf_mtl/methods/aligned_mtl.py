@@ -1,4 +1,4 @@
-"""Aligned-MTL: independent component alignment (Senushkin et al., CVPR 2023; docs/METHODS.md §3,
+"""Aligned-MTL: independent component alignment (Senushkin et al., CVPR 2023; docs/methods.md,
 "Aligned-MTL").
 
 Paper: https://openaccess.thecvf.com/content/CVPR2023/html/Senushkin_Independent_Component_Alignment_for_Multi-Task_Learning_CVPR_2023_paper.html

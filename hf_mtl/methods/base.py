@@ -1,4 +1,4 @@
-"""The common base of every gradient method (docs/METHODS.md §3).
+"""The common base of every gradient method (docs/methods.md).
 
 A method is mathematics: it maps the K x P Jacobian of the shared parameters (one row per task,
 ``g_i = ∇_θsh L_i``) to one update vector of shape (P,), or, for loss-weighting methods, maps the K
@@ -8,7 +8,7 @@ or Trainer appears here; the engine (`hf_mtl/engine/`) calls these hooks.
 Hooks, all optional except the one that defines the method:
 
 - ``aggregate(jacobian, ...) -> (P,)``: the combined update. Every method implements it, so
-  ``get_method(name).aggregate(J)`` works on a plain matrix (DESIGN.md, "Contracts").
+  ``get_method(name).aggregate(J)`` works on a plain matrix (the contract of `hf_mtl.methods`).
 - ``combine_losses(losses, ...) -> scalar`` for loss-weighting methods (``requires_jacobian=False``):
   the engine backpropagates it once instead of building the Jacobian.
 - ``transform_losses(losses, ...) -> (K,)``: an **elementwise** map of the per-task losses (each task's

@@ -1,4 +1,4 @@
-"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021; docs/METHODS.md §3, "CAGrad").
+"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021; docs/methods.md, "CAGrad").
 
 Paper: https://arxiv.org/abs/2110.14048; code: ``Cranial-XIX/CAGrad`` (``nyuv2/utils.py``,
 ``cagrad``); LibMTL ``CAGrad.py``; nash-mtl ``methods/weight_methods.py``.

@@ -1,4 +1,4 @@
-"""ConFIG: conflict-free inverse gradients (Liu et al., 2024, arXiv 2408.11104; docs/METHODS.md §3,
+"""ConFIG: conflict-free inverse gradients (Liu et al., 2024, arXiv 2408.11104; docs/methods.md,
 "ConFIG").
 
 Paper: https://arxiv.org/abs/2408.11104; code: ``tum-pbs/ConFIG`` (``conflictfree/grad_operator.py``).

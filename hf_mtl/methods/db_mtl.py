@@ -1,5 +1,5 @@
 """DB-MTL: dual-balancing multi-task learning (Lin et al., 2023, https://arxiv.org/abs/2308.12029;
-docs/METHODS.md §3, "DB-MTL").
+docs/methods.md, "DB-MTL").
 
 Loss-scale balancing by a log transform, gradient-magnitude balancing by rescaling every task's
 (smoothed) gradient to the largest norm::

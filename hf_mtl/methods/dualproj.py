@@ -1,6 +1,6 @@
 """DualProj: the mean gradient projected onto the dual cone of the rows (Lopez-Paz & Ranzato,
 "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, Eq. 11; as packaged by TorchJD,
-Quinton & Rey 2024; docs/METHODS.md §3, "UPGrad", whose solver and preprocessing it shares).
+Quinton & Rey 2024; docs/methods.md, "UPGrad", whose solver and preprocessing it shares).
 
 Paper: https://arxiv.org/abs/1706.08840; code: TorchJD ``src/torchjd/aggregation/_dualproj.py``.
 

@@ -1,5 +1,5 @@
 """DWA: dynamic weight average (Liu et al., "End-to-End Multi-Task Learning with Attention", CVPR 2019,
-https://arxiv.org/abs/1803.10704; docs/METHODS.md §3, "DWA").
+https://arxiv.org/abs/1803.10704; docs/methods.md, "DWA").
 
 With L̄_i(t) the average loss of task i over period t (an epoch, or a window of steps)::
 

@@ -1,4 +1,4 @@
-"""EW: equal weighting, the mean of the task losses (docs/METHODS.md §3, "EW / LS").
+"""EW: equal weighting, the mean of the task losses (docs/methods.md, "EW / LS").
 
     L = (1/K) Σ_i L_i        ⇒        d = (1/K) Σ_i g_i
 

@@ -2,7 +2,7 @@
 
 Paper: "Fair Resource Allocation in Multi-Task Learning", https://openreview.net/forum?id=KLmWRMg6nL;
 code: ``OptMN-Lab/fairgrad`` (``methods/weight_methods.py``, ``FairGrad.fairgrad``); LibMTL
-``FairGrad.py``. docs/METHODS.md lists FairGrad only in the F-MTL tables (§1.5); this module follows
+``FairGrad.py``. F-MTL (Phan et al., arXiv 2211.13723) uses it as one of its aggregators; this module follows
 the paper and the reference code.
 
 FairGrad treats the update as a resource shared by the tasks and maximises an α-fair utility of the

@@ -1,5 +1,5 @@
 """FAMO: fast adaptive multitask optimisation (Liu et al., NeurIPS 2023, https://arxiv.org/abs/2306.03792;
-docs/METHODS.md §3, "FAMO").
+docs/methods.md, "FAMO").
 
 With task logits ξ (one per task, initialised to 0), the shifted losses
 ``ℓ_i = L_i - ℓ_i* + ε`` (``min_losses`` ℓ* default 0, ε = 1e-8) and ``z = softmax(ξ)``::
@@ -10,7 +10,7 @@ With task logits ξ (one per task, initialised to 0), the shifted losses
                   ξ ← Adam(ξ, grad = δ + γ ξ)              lr = 0.025, γ = 0.001 (L2 weight decay)
 
 This is exactly ``Cranial-XIX/FAMO famo.py``: there ``c`` names ``Σ_i z_i / ℓ_i`` and the loss is
-``Σ_i z_i log ℓ_i / c``, the same scalar as ``C`` above (METHODS.md and the paper name its inverse
+``Σ_i z_i log ℓ_i / c``, the same scalar as ``C`` above (docs/methods.md and the paper name its inverse
 ``c``). The gradient weights ``c z_i / ℓ_i`` are positive and sum to 1.
 
 ``after_optimizer_step`` needs the losses of the same batch recomputed after the optimizer step

@@ -1,5 +1,5 @@
 """GradDrop: gradient sign dropout (Chen et al., NeurIPS 2020, https://arxiv.org/abs/2010.06808;
-docs/METHODS.md §3, "GradDrop").
+docs/methods.md, "GradDrop").
 
 GradDrop acts on the gradients with respect to the shared representation ``z`` (the activations the
 heads read): at every coordinate it keeps, at random, only the task gradients of one sign, with the

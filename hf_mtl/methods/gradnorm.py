@@ -1,5 +1,5 @@
 """GradNorm: gradient normalisation (Chen et al., ICML 2018, https://proceedings.mlr.press/v80/chen18a.html;
-docs/METHODS.md §3, "GradNorm").
+docs/methods.md, "GradNorm").
 
 Learnable logits ``s`` (one per task, initialised to 0) give the task weights, and an auxiliary loss
 pulls each weighted gradient norm toward a common norm scaled by the task's relative inverse training

@@ -1,5 +1,5 @@
 """GradVac: gradient vaccine (Wang et al., ICLR 2021, https://openreview.net/forum?id=F1vEjWK-lH_;
-docs/METHODS.md §3, "GradVac").
+docs/methods.md, "GradVac").
 
 PCGrad with a moving target: instead of removing conflicts (cosine < 0), GradVac raises the cosine of
 each pair of task gradients to an exponential moving average φ̂ of the cosines seen so far, per pair

@@ -1,4 +1,4 @@
-"""IMTL: impartial multi-task learning (Liu et al., ICLR 2021; docs/METHODS.md §3, "IMTL").
+"""IMTL: impartial multi-task learning (Liu et al., ICLR 2021; docs/methods.md, "IMTL").
 
 Paper: https://openreview.net/forum?id=IMPnRXEWpvr
 

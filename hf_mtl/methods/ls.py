@@ -1,4 +1,4 @@
-"""LS: linear scalarisation with fixed user weights (docs/METHODS.md §3, "EW / LS").
+"""LS: linear scalarisation with fixed user weights (docs/methods.md, "EW / LS").
 
     L = Σ_i w_i L_i        ⇒        d = Σ_i w_i g_i
 

@@ -1,5 +1,5 @@
 """MGDA: multi-task learning as multi-objective optimisation (Sener & Koltun, NeurIPS 2018;
-docs/METHODS.md §3, "MGDA").
+docs/methods.md, "MGDA").
 
 Paper: https://arxiv.org/abs/1810.04650; code: ``isl-org/MultiObjectiveOptimization``
 (``multi_task/min_norm_solvers.py``, ``train_multi_task.py``); LibMTL ``MGDA.py``.

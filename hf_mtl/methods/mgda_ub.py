@@ -1,5 +1,5 @@
 """MGDA-UB: MGDA on the upper bound, with gradients at the shared representation (Sener & Koltun,
-NeurIPS 2018, §3.3; docs/METHODS.md §3, "MGDA").
+NeurIPS 2018, §3.3; docs/methods.md, "MGDA").
 
 Paper: https://arxiv.org/abs/1810.04650; code: ``isl-org/MultiObjectiveOptimization``
 (``train_multi_task.py``, ``use_approximation``).

@@ -1,4 +1,4 @@
-"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022; docs/METHODS.md §3,
+"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022; docs/methods.md,
 "Nash-MTL").
 
 Paper: https://arxiv.org/abs/2202.01017; code: ``AvivNavon/nash-mtl`` (``methods/weight_methods.py``,

@@ -1,4 +1,4 @@
-"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020; docs/METHODS.md §3, "PCGrad").
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020; docs/methods.md, "PCGrad").
 
 For each task i, in a random order over the tasks j::
 

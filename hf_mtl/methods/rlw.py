@@ -1,5 +1,5 @@
 """RLW: random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting", TMLR 2022,
-https://arxiv.org/abs/2111.10603; docs/METHODS.md §3, "RLW").
+https://arxiv.org/abs/2111.10603; docs/methods.md, "RLW").
 
 A fresh draw at every call, over the K losses of the step::
 

@@ -1,4 +1,4 @@
-"""SI: scale-invariant loss, the sum of the log-losses (docs/METHODS.md §1.5, the "SI" rows of the
+"""SI: scale-invariant loss, the sum of the log-losses (Phan et al., arXiv 2211.13723, the "SI" rows of the
 F-MTL tables; baseline of Nash-MTL, FAMO and F-MTL)::
 
     L = Σ_i log L_i          ⇒      ∂L/∂L_i = 1 / L_i           the task weights

@@ -1,5 +1,5 @@
 """UPGrad: unconflicting projection of gradients (Quinton & Rey, "Jacobian Descent for Multi-Objective
-Optimization", 2024; docs/METHODS.md §3, "UPGrad").
+Optimization", 2024; docs/methods.md, "UPGrad").
 
 Paper: https://arxiv.org/abs/2406.16232; code: TorchJD ``src/torchjd/aggregation/_upgrad.py``,
 ``_utils/dual_cone.py``, ``_utils/gramian.py``; LibMTL ``UPGrad.py``.

@@ -1,5 +1,5 @@
 """UW: uncertainty weighting (Kendall et al., CVPR 2018, https://arxiv.org/abs/1705.07115;
-docs/METHODS.md §3, "Uncertainty weighting").
+docs/methods.md, "Uncertainty weighting").
 
 The paper minimises ``Σ_i L_i / (2σ_i²) + log σ_i``. With the learnable log-variance
 ``s_i = log σ_i²`` (LibMTL's parametrisation)::

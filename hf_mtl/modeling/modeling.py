@@ -3,7 +3,7 @@
 The model is a `transformers.PreTrainedModel`: ``save_pretrained`` writes ``config.json`` (the
 encoders' configs and the tasks inside) and safetensors weights; ``from_pretrained`` rebuilds it.
 
-Inputs are multi-task batches (DESIGN.md, step 1): a mapping from a group key to a sub-batch. A
+Inputs are multi-task batches (docs/architecture.md, step 1): a mapping from a group key to a sub-batch. A
 sub-batch holds the encoder inputs (``input_ids``/``attention_mask``, ``pixel_values``,
 ``input_values``/``attention_mask``, ...) and ``labels``, a mapping task -> label tensor. The tasks of
 one sub-batch read the same encoder, which runs once for all of them. Without labels, pass

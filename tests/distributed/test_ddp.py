@@ -101,8 +101,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tm
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run_env([sys.executable, str(SCRIPT), str(whole), "8", f"run={options}"], tmp_path, env)
     killed = subprocess.run(
-        [sys.executable, str(SCRIPT), str(cut), "8", f"run={options},kill:3"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, str(SCRIPT), str(cut), "8", f"run={options},kill:3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (cut / "run" / "checkpoint-3" / "mtl_state.pt").is_file() and not (cut / "run.pt").exists()

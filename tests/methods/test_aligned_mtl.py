@@ -1,4 +1,4 @@
-"""Aligned-MTL (docs/METHODS.md §3, "Aligned-MTL"): the aligned rows are orthogonal with equal norm."""
+"""Aligned-MTL (docs/methods.md, "Aligned-MTL"): the aligned rows are orthogonal with equal norm."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One matrix that every registered gradient method runs through (docs/STYLE.md, PEFT-style).
+"""One matrix that every registered gradient method runs through (docs/extending.md, PEFT-style).
 
 Hard inputs from the method-catalogue issue: a zero row, identical rows, opposite rows, K = 1,
 a rank-deficient J, rows differing by 1e6 in scale, float16 and bfloat16 input. Each method must

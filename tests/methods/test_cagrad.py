@@ -1,4 +1,4 @@
-"""CAGrad (docs/METHODS.md §3): max_d min_i ⟨g_i, d⟩ subject to ||d - g₀|| ≤ c ||g₀||, via its dual."""
+"""CAGrad (docs/methods.md): max_d min_i ⟨g_i, d⟩ subject to ||d - g₀|| ≤ c ||g₀||, via its dual."""
 
 from __future__ import annotations
 

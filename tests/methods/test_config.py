@@ -1,4 +1,4 @@
-"""ConFIG (docs/METHODS.md §3, "ConFIG"): equal cosines with every task, the projection length rule."""
+"""ConFIG (docs/methods.md, "ConFIG"): equal cosines with every task, the projection length rule."""
 
 from __future__ import annotations
 

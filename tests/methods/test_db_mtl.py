@@ -1,4 +1,4 @@
-"""DB-MTL (docs/METHODS.md §3, "DB-MTL"): log losses, the gradient EMA, rescaling to the largest norm."""
+"""DB-MTL (docs/methods.md, "DB-MTL"): log losses, the gradient EMA, rescaling to the largest norm."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UPGrad and DualProj (docs/METHODS.md §3, "UPGrad"): the properties they share as projections onto the
+"""UPGrad and DualProj (docs/methods.md, "UPGrad"): the properties they share as projections onto the
 dual cone {x : J x ≥ 0} with the same preprocessing (``hf_mtl/methods/_dual_cone.py``). Each method's
 own definition, worked examples and caveats are in ``test_upgrad.py`` and ``test_dualproj.py``."""
 

@@ -1,4 +1,4 @@
-"""DWA (docs/METHODS.md §3, "DWA"): weights from a loss history worked by hand."""
+"""DWA (docs/methods.md, "DWA"): weights from a loss history worked by hand."""
 
 from __future__ import annotations
 

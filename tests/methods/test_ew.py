@@ -1,4 +1,4 @@
-"""EW (docs/METHODS.md §3, "EW / LS"): the mean of the task losses."""
+"""EW (docs/methods.md, "EW / LS"): the mean of the task losses."""
 
 from __future__ import annotations
 

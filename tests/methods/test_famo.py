@@ -1,4 +1,4 @@
-"""FAMO (docs/METHODS.md §3, "FAMO"): the gradient weights and the logit update, by hand and against Adam."""
+"""FAMO (docs/methods.md, "FAMO"): the gradient weights and the logit update, by hand and against Adam."""
 
 from __future__ import annotations
 

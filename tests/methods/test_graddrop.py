@@ -1,4 +1,4 @@
-"""GradDrop (docs/METHODS.md §3, "GradDrop"): sign purity, the masks, the batch sum, the leak."""
+"""GradDrop (docs/methods.md, "GradDrop"): sign purity, the masks, the batch sum, the leak."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GradNorm (docs/METHODS.md §3, "GradNorm"): the balancing loss's gradient by hand, its fixed point."""
+"""GradNorm (docs/methods.md, "GradNorm"): the balancing loss's gradient by hand, its fixed point."""
 
 from __future__ import annotations
 

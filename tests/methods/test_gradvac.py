@@ -1,4 +1,4 @@
-"""GradVac (docs/METHODS.md §3, "GradVac"): corrections to the cosine target, the EMA, the groups."""
+"""GradVac (docs/methods.md, "GradVac"): corrections to the cosine target, the EMA, the groups."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IMTL (docs/METHODS.md §3, "IMTL"): IMTL-G's equal projections and closed form, IMTL-L's transform."""
+"""IMTL (docs/methods.md, "IMTL"): IMTL-G's equal projections and closed form, IMTL-L's transform."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LS (docs/METHODS.md §3, "EW / LS"): fixed weights, the plain sum by default."""
+"""LS (docs/methods.md, "EW / LS"): fixed weights, the plain sum by default."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MGDA (docs/METHODS.md §3): the minimum-norm point of the convex hull of the rows."""
+"""MGDA (docs/methods.md): the minimum-norm point of the convex hull of the rows."""
 
 from __future__ import annotations
 

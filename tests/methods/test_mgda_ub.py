@@ -1,4 +1,4 @@
-"""MGDA-UB (docs/METHODS.md §3, "MGDA"): MGDA on the gradients with respect to the shared representation."""
+"""MGDA-UB (docs/methods.md, "MGDA"): MGDA on the gradients with respect to the shared representation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nash-MTL (docs/METHODS.md §3): d = Σ α_i g_i with G α = 1/α, i.e. d·g_i = 1/α_i."""
+"""Nash-MTL (docs/methods.md): d = Σ α_i g_i with G α = 1/α, i.e. d·g_i = 1/α_i."""
 
 from __future__ import annotations
 

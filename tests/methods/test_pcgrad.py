@@ -1,4 +1,4 @@
-"""PCGrad (docs/METHODS.md §3, "PCGrad"): projections worked by hand, and the properties they imply."""
+"""PCGrad (docs/methods.md, "PCGrad"): projections worked by hand, and the properties they imply."""
 
 from __future__ import annotations
 

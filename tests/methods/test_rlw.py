@@ -1,4 +1,4 @@
-"""RLW (docs/METHODS.md §3, "RLW"): softmax of a fresh normal draw, on the simplex, reproducible."""
+"""RLW (docs/methods.md, "RLW"): softmax of a fresh normal draw, on the simplex, reproducible."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UPGrad (docs/METHODS.md §3): the mean of the rows projected onto the dual cone {x : J x ≥ 0}.
+"""UPGrad (docs/methods.md): the mean of the rows projected onto the dual cone {x : J x ≥ 0}.
 
 The properties UPGrad shares with DualProj (no conflict, scale, permutations, K = 1, arguments,
 non-finite input) are tested for both in ``test_dual_cone.py``."""

@@ -1,4 +1,4 @@
-"""UW (docs/METHODS.md §3, "Uncertainty weighting"): weights 1/(2 e^s) and the optimum s = log L."""
+"""UW (docs/methods.md, "Uncertainty weighting"): weights 1/(2 e^s) and the optimum s = log L."""
 
 from __future__ import annotations
 
