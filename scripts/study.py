@@ -133,8 +133,9 @@ def _validation_data(args: argparse.Namespace) -> list[str]:
         files = {split: os.path.join(folder, key, f"{split}.parquet") for split in ("train", "validation")}
         spec = {
             "loader": "load_dataset",
+            "path": "parquet",
             "data_dir": None,
-            "options": {"path": "parquet", "data_files": files},
+            "options": {"data_files": files},
             "eval_split": "validation",
         }
         overrides.append(f"data.{key}={json.dumps(spec)}")

@@ -137,6 +137,11 @@ def main() -> None:
                 },
                 out / f"{name}.pt",
             )
+    if torch.distributed.is_initialized():
+        # Every rank leaves the process group together: a rank that exits while gloo's
+        # threads still run aborts with "terminate called without an active exception".
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
