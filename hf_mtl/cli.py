@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{title}: {', '.join(names)}")
         return 0
     if args.command == "report":
-        from .report import make_report
+        from .report import conflict_summary, make_report
 
         try:
             report = make_report(args.run_dir, args.output_dir, heatmap=args.heatmap)
@@ -337,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(path)
         for name, reason in report.skipped.items():
             print(f"({name}: not drawn, {reason})")
+        if "conflict" in report.series:
+            print("gradient conflict over the measurements (mean over the pairs at each one): mean [min, max]")
+            for panel, line, count, mean, low, high in conflict_summary(report.series["conflict"]):
+                print(f"  {panel:<40} {line:<26} n={count:<4} {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         return 0
     given = {name: getattr(args, name) for name in args.training_fields if hasattr(args, name)}
     if args.command == "baseline":

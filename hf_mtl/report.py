@@ -341,6 +341,16 @@ def _save_png(figure: Any, path: str) -> None:
         image.convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
 
 
+def conflict_summary(panels: Mapping[str, Sequence[Series]]) -> list[tuple[str, str, int, float, float, float]]:
+    """``(panel, line, measurements, mean, min, max)`` of each line of the conflict plot (`conflict_series`): the
+    mean, smallest and largest of its per-measurement values over training, as ``hf-mtl report`` prints them."""
+    return [
+        (panel, line.label, len(line.values), _mean(line.values), min(line.values), max(line.values))
+        for panel, lines in panels.items()
+        for line in lines
+    ]
+
+
 def make_report(
     run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None, heatmap: str = "mean"
 ) -> Report:

@@ -570,7 +570,12 @@ def table(results: Mapping[str, Mapping[str, Any]]) -> str:
     lines += ["", "<details><summary>The command of each row</summary>", "", *commands, "", "</details>", ""]
     lines += _optimizer_table(results) + _conflict_table(results) + _corruption_table(results)
     total = sum(r["seconds"] for r in results.values())
-    lines.append(f"Wall time of the {len(results)} runs: {total / 3600:.2f} h (sum of the runs' times).")
+    line = f"Wall time of the {len(results)} runs: {total / 3600:.2f} h (sum of the runs' times)"
+    if all("finished" in r for r in results.values()):  # from the first run's start to the last run's end
+        first_start = min(r["finished"] - r["seconds"] for r in results.values())
+        span = max(r["finished"] for r in results.values()) - first_start
+        line += f"; {span / 3600:.2f} h from the first run's start to the last one's end"
+    lines.append(line + ".")
     return "\n".join(lines)
 
 
@@ -711,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = execute_training(run, args)
             else:
                 result = execute_corruption(run, args, results)
+            result["finished"] = time.time()  # seconds since the epoch: the table's elapsed time of the study
             with open(_result_path(args, run.id), "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=1)
             results[run.id] = result

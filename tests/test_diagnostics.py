@@ -383,7 +383,7 @@ def _is_png(path) -> bool:
         return image.format == "PNG"
 
 
-def test_report_plots_what_the_run_logged(make_trainer, fsdd_sample, trec_sample):
+def test_report_plots_what_the_run_logged(make_trainer, fsdd_sample, trec_sample, capsys):
     from hf_mtl.cli import main
     from hf_mtl.report import PLOT_FILES, make_report
 
@@ -437,8 +437,15 @@ def test_report_plots_what_the_run_logged(make_trainer, fsdd_sample, trec_sample
     )
     # the command: same files, into another folder, and a clear error for a folder with no run in it
     other = os.path.join(os.path.dirname(run), "elsewhere")
+    capsys.readouterr()
     assert main(["report", run, "--output_dir", other, "--heatmap", "last"]) == 0
     assert sorted(os.listdir(other)) == sorted(PLOT_FILES.values())
+    # it prints the mean, min and max over the measurements of each conflict line
+    means = digit[:, rows, cols].mean(1)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "inter-sample: digit" in x and "/cosine" in x)
+    assert line.split()[0] == "digit+speaker/cosine" and "n=3" in line
+    expected = f"{means.mean().item():+.3f} [{means.min().item():+.3f}, {means.max().item():+.3f}]"
+    assert line.endswith(expected), (line, expected)
     empty = os.path.join(os.path.dirname(run), "empty")
     os.makedirs(empty)
     assert main(["report", empty]) == 2
